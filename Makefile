@@ -1,0 +1,64 @@
+# The two commands a newcomer needs:  `make up`  (run the system)   `make test`  (run every test).
+# Both install what they need first into .venv, pinned by requirements.lock.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install up test test-fast test-slow bench lab export clean-nbs lint check-sync lock system-deps
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "fraud-detection (.venv)" >/dev/null
+	$(BIN)/python -m pip check
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Run the whole system on embedded defaults (broker, SQLite online store, parquet offline store).
+up: install
+	$(BIN)/fraud up
+
+## Every test: notebook asserts (nbdev_test, including the kafka flag) + pytest (real broker, Redis, PostgreSQL, HTTP, browser).
+test: install system-deps check-sync lint
+	$(BIN)/nbdev_test --n_workers 2 --flags kafka --timing
+	$(BIN)/pytest -m "not slow"
+
+test-slow: install system-deps
+	$(BIN)/pytest -m slow
+
+bench: install
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+## JupyterLab on nbs/ with the project's kernel.
+lab: install
+	$(BIN)/jupyter lab nbs/
+
+export: install
+	$(BIN)/nbdev_export
+
+clean-nbs: install
+	$(BIN)/nbdev_clean
+	$(BIN)/nbdev_clean --fname scheduled
+
+## CI guard: notebooks are clean and fraud_detection/ is exactly what nbs/ exports.
+check-sync: install
+	$(BIN)/nbdev_clean && $(BIN)/nbdev_clean --fname scheduled && $(BIN)/nbdev_export
+	@git diff --exit-code --stat -- nbs scheduled fraud_detection || \
+	  (echo "nbs/ and fraud_detection/ are out of sync or notebooks are not clean: run 'make export clean-nbs' and commit" && exit 1)
+
+lint: install
+	$(BIN)/ruff check fraud_detection tests bench feature_repo
+
+## Chromium for the browser test (Debian packages; nothing downloaded by a test tool).
+system-deps:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+lock:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	(echo "# Constraints for every install (pip install -c requirements.lock ...). Regenerate: make lock"; \
+	  $(BIN)/python -m pip freeze --exclude-editable) > requirements.lock

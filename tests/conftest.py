@@ -1,0 +1,70 @@
+"""Shared pytest fixtures: real services, each failing loudly in CI when absent.
+
+Outside CI a test whose service is missing is skipped with the reason; with CI=true it fails,
+so a green CI run always means the real Redis / PostgreSQL / broker / Chromium were exercised.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(ok: bool, what: str) -> None:
+    "Fail in CI, skip elsewhere, when a required service is missing."
+    if ok:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI but is not available", pytrace=False)
+    pytest.skip(f"{what} not available")
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    "True when something accepts TCP connections on host:port."
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    "URL of the local Redis (FRAUD_TEST_REDIS_URL overrides)."
+    url = os.environ.get("FRAUD_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    require(port_open(host, int(port)), f"Redis at {host}:{port}")
+    return url
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    "SQLAlchemy URL of the local PostgreSQL (FRAUD_TEST_POSTGRES_URL overrides)."
+    url = os.environ.get("FRAUD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    require(port_open("127.0.0.1", 5432), "PostgreSQL at 127.0.0.1:5432")
+    return url
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    "Path of Debian's Chromium for browser tests."
+    path = shutil.which("chromium") or shutil.which("chromium-browser") or ""
+    require(bool(path), "Chromium (apt-get install chromium)")
+    return path
+
+
+@pytest.fixture
+def fraud_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    "An isolated data/runs folder for one test, with settings rebuilt to use it."
+    from fraud_detection.core import get_settings
+    monkeypatch.setenv("FRAUD_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("FRAUD_RUNS_DIR", str(tmp_path / "runs"))
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
