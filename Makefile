@@ -1,6 +1,9 @@
 # The two commands a newcomer needs:  `make up`  (run the system)   `make test`  (run every test).
 # Both install what they need first into .venv, pinned by requirements.lock.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# this machine's pip config names extra local indexes that may be absent: drop pip's noise about them
+QUIET := 2>&1 | sed '/is ignored: it is neither/d'
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,8 +13,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade "pip>=24"
-	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]"
+	$(BIN)/python -m pip install -q --upgrade "pip>=24" $(QUIET)
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]" $(QUIET)
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "fraud-detection (.venv)" >/dev/null
 	$(BIN)/python -m pip check
 	@touch $(STAMP)

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     api_port: int = 8000
     api_key: SecretStr | None = None  # when set, the API requires header X-API-Key
     app_port: int = 8501
+    # scheduler (`fraud schedule`, started by `fraud up`): intervals in minutes, 0 = never
+    features_every_min: float = Field(60, ge=0)  # batch features + materialize
+    retrain_every_min: float = Field(24 * 60, ge=0)  # scheduled retraining
+    drift_every_min: float = Field(15, ge=0)  # drift check over recent traffic
+    drift_psi_threshold: float = Field(0.25, gt=0)  # PSI above this on any feature triggers retraining
+    drift_min_rows: int = Field(500, ge=1)  # recent scored transactions needed before drift is judged
 
     @property
     def data(self) -> Path: return Path(self.data_dir or self.home / "data")
