@@ -1,0 +1,166 @@
+"""The results store against SQLite and the local PostgreSQL (a fresh database per session, dropped after)."""
+from __future__ import annotations
+
+import json
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+
+import polars as pl
+import pytest
+import sqlalchemy as sa
+
+from fraud_detection import results as R
+
+
+@pytest.fixture(scope="session")
+def pg_database(postgres_url: str):
+    "URL of a fresh PostgreSQL database for this session (dropped afterwards)."
+    name = f"fraud_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    yield url
+    R.get_engine(url).dispose()
+    with admin.connect() as c:
+        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def engine(request, tmp_path):
+    "An empty results store on each backend."
+    if request.param == "sqlite":
+        eng = R.get_engine(f"sqlite:///{tmp_path}/fraud.db")
+    else:
+        eng = R.get_engine(request.getfixturevalue("pg_database"))
+        R.metadata.drop_all(eng)
+    R.create_tables(eng)
+    yield eng
+    if request.param == "sqlite":
+        eng.dispose()
+
+
+END = datetime(2026, 3, 1, 12)
+
+
+def test_write_predictions_is_idempotent(engine):
+    df = R.fake_predictions(120, seed=3, end=END)
+    assert R.write_predictions(engine, df) == 120
+    assert R.write_predictions(engine, df) == 0  # re-delivery of the same batch
+    more = R.fake_predictions(30, seed=4, end=END)
+    assert R.write_predictions(engine, pl.concat([df.sample(20, seed=1), more], how="vertical_relaxed")) == 30
+    assert R.write_predictions(engine, []) == 0
+    with engine.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(R.predictions)).scalar() == 150
+
+
+def test_duplicates_inside_one_batch_and_minimal_rows(engine):
+    row = {"trans_num": "t1", "customer_id": "c1", "ts": datetime(2026, 1, 1, 10, tzinfo=timezone(timedelta(hours=2))),
+           "amt": 12.5, "fraud_probability": 0.7, "decision": "review", "model_version": "v1",
+           "reasons": [{"feature": "amt", "value": 12.5, "contribution": float("nan")}], "features": {"amt": 12.5, "amt_z": None}}
+    assert R.write_predictions(engine, [row, dict(row, amt=99.0)]) == 1
+    got = R.read_prediction(engine, "t1")
+    assert got["amt"] == 12.5  # first occurrence kept
+    assert got["ts"] == datetime(2026, 1, 1, 8)  # aware → naive UTC
+    assert got["reasons"] == [{"feature": "amt", "value": 12.5, "contribution": None}]  # NaN → null
+    assert got["features"] == {"amt": 12.5, "amt_z": None} and got["challenger_probability"] is None
+    assert isinstance(got["scored_at"], datetime)
+
+
+def test_bad_rows_fail_the_whole_batch(engine):
+    good = R.fake_predictions(3, seed=5, end=END).to_dicts()
+    with pytest.raises(ValueError, match="bad decision"):
+        R.write_predictions(engine, good + [dict(good[0], trans_num="x", decision="block")])
+    with pytest.raises(ValueError, match="first"):
+        R.write_predictions(engine, [dict(good[0], first="Jane")])  # PII column is refused, not silently stored
+    with pytest.raises(sa.exc.IntegrityError):
+        R.write_predictions(engine, [dict(good[0], amt=None)])
+    assert R.read_alerts(engine, decisions=None).height == 0
+
+
+def test_concurrent_overlapping_writers(engine):
+    df = R.fake_predictions(400, seed=6, end=END)
+    batches = [df.slice(i, 200) for i in (0, 100, 200, 0)]
+    with ThreadPoolExecutor(4) as ex:
+        inserted = list(ex.map(lambda b: R.write_predictions(engine, b), batches))
+    assert sum(inserted) == 400
+
+
+def test_alerts_filters_order_and_summary(engine):
+    df = R.fake_predictions(200, seed=7, end=END)
+    R.write_predictions(engine, df)
+    al = R.read_alerts(engine)
+    expected = df.filter(pl.col("decision") != "approve")
+    assert al.height == expected.height and al["ts"].is_sorted(descending=True)
+    assert set(al["trans_num"]) == set(expected["trans_num"])
+    since = END - timedelta(days=3)
+    sub = R.read_alerts(engine, since=since, min_score=0.6, max_amt=500, categories=["grocery_pos", "misc_net", "travel"])
+    exp = expected.filter((pl.col("ts") >= since) & (pl.col("fraud_probability") >= 0.6) & (pl.col("amt") <= 500)
+                          & pl.col("category").is_in(["grocery_pos", "misc_net", "travel"]))
+    assert sorted(sub["trans_num"]) == sorted(exp["trans_num"])
+    s = R.alert_summary(engine, since=since)
+    e = expected.filter(pl.col("ts") >= since)
+    assert s["n"] == e.height and s["n_decline"] == e.filter(pl.col("decision") == "decline").height
+    assert abs(s["amount"] - e["amt"].sum()) < 1e-6 and s["labelled"] == 0
+    assert R.read_alerts(engine, decisions=None).height == 200
+    R.write_label(engine, al["trans_num"][0], 1)
+    assert R.alert_summary(engine)["labelled"] == 1
+
+
+def test_labels_latest_wins(engine):
+    R.write_predictions(engine, R.fake_predictions(10, seed=8, end=END))
+    tns = R.read_alerts(engine, decisions=None)["trans_num"].to_list()
+    for lab in (1, 0, 1, 0):
+        R.write_label(engine, tns[0], lab, note=f"pass {lab}", analyst="a1")
+    R.write_label(engine, tns[1], 1)
+    R.write_label(engine, "unknown-tx", 1, source="issuer")  # labels may arrive for transactions not scored here
+    lab = R.read_labels(engine)
+    assert lab.height == 3 and dict(zip(lab["trans_num"], lab["label"], strict=True))[tns[0]] == 0
+    assert R.read_prediction(engine, tns[0])["label"]["label"] == 0
+    with engine.connect() as c:  # the full history stays for audit
+        assert c.execute(sa.select(sa.func.count()).select_from(R.labels)).scalar() == 6
+    with pytest.raises(ValueError):
+        R.write_label(engine, tns[0], -1)
+
+
+def test_labelled_predictions_delay_rule(engine):
+    now = datetime(2026, 3, 1)
+    base = {"customer_id": "c", "amt": 10.0, "fraud_probability": 0.5, "decision": "review", "model_version": "v1"}
+    rows = [dict(base, trans_num="old_fraud", ts=now - timedelta(days=10), is_fraud=1),
+            dict(base, trans_num="old_legit", ts=now - timedelta(days=8), is_fraud=0),
+            dict(base, trans_num="edge", ts=now - timedelta(days=7), is_fraud=1),          # exactly at the delay: known
+            dict(base, trans_num="recent_fraud", ts=now - timedelta(days=3), is_fraud=1),  # too recent: unknown
+            dict(base, trans_num="recent_analyst", ts=now - timedelta(days=1), is_fraud=0),
+            dict(base, trans_num="old_overridden", ts=now - timedelta(days=20), is_fraud=1),
+            dict(base, trans_num="old_unlabelled", ts=now - timedelta(days=20), is_fraud=None)]
+    R.write_predictions(engine, rows)
+    R.write_label(engine, "recent_analyst", 1)
+    R.write_label(engine, "old_overridden", 0)
+    lp = R.labelled_predictions(engine, label_delay_days=7, now=now)
+    got = {t: (lab, src) for t, lab, src in lp.select("trans_num", "label", "label_source").iter_rows()}
+    assert got == {"old_fraud": (1, "delayed"), "old_legit": (0, "delayed"), "edge": (1, "delayed"),
+                   "recent_analyst": (1, "analyst"), "old_overridden": (0, "analyst")}
+    # default now = the event clock (latest ts = now - 1 day): 'edge' is then too recent
+    assert "edge" not in R.labelled_predictions(engine, 7)["trans_num"].to_list()
+    assert R.labelled_predictions(engine, 7, now=now, since=now - timedelta(days=7, hours=1))["trans_num"].to_list() == \
+        ["edge", "recent_analyst"]
+    wf = R.labelled_predictions(engine, 7, now=now, with_features=True)
+    assert {"features", "reasons"} <= set(wf.columns)
+
+
+def test_empty_store_reads(engine):
+    assert R.read_alerts(engine).height == 0 and R.read_labels(engine).height == 0
+    lp = R.labelled_predictions(engine, 7)
+    assert lp.height == 0 and {"label", "label_source", "fraud_probability"} <= set(lp.columns)
+    assert R.event_clock(engine) is None and R.read_prediction(engine, "x") is None
+    assert R.alert_summary(engine) == {"n": 0, "amount": 0.0, "labelled": 0, "n_approve": 0, "n_review": 0, "n_decline": 0}
+    assert R.read_worker_stats(engine).height == 0
+
+
+def test_json_columns_are_valid_json(engine):
+    R.write_predictions(engine, R.fake_predictions(20, seed=9, end=END))
+    with engine.connect() as c:
+        for reasons, feats in c.execute(sa.select(R.predictions.c.reasons, R.predictions.c.features)):
+            assert isinstance(json.loads(reasons), list) and isinstance(json.loads(feats), dict)
