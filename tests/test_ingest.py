@@ -11,7 +11,14 @@ from polars.testing import assert_frame_equal
 from rich.console import Console
 
 from fraud_detection.core import PII_COLUMNS, RAW_COLUMNS, clean_schema
-from fraud_detection.ingest import IngestError, clean_frame, customer_ids, ingest_files, rejects_schema
+from fraud_detection.ingest import (
+    IngestError,
+    clean_frame,
+    customer_ids,
+    ingest_files,
+    raw_inputs,
+    rejects_schema,
+)
 
 KEY = "test-key"
 CARD, FIRST, LAST, STREET = "4000123412341234", "Zebedee", "Quuxley", "1 Secret Lane"
@@ -232,6 +239,19 @@ def test_output_names_and_collision(tmp_path):
     assert [f.output.name if f.output else None for f in rep.files] == ["train.parquet", "test.parquet",
                                                                         "may_2020.parquet", None]
     assert rep.failed and "would overwrite train.parquet" in rep.files[3].error
+
+
+def test_simulator_files_ingest_cleanly_and_agree(tmp_path):
+    "The simulator's parquet and its Kaggle-layout CSVs give no rejects and identical clean data."
+    from fraud_detection.simulate import simulate_to_files
+    simulate_to_files("small", tmp_path / "raw", csv=True, progress=False)
+    pq = raw_inputs(tmp_path / "raw")
+    assert [p.name for p in pq] == ["test.parquet", "train.parquet"]
+    a = ingest_files(pq, tmp_path / "a", key=KEY, progress=False)
+    b = ingest_files(sorted((tmp_path / "raw").glob("*.csv")), tmp_path / "b", key=KEY, progress=False)
+    assert not a.failed and not b.failed and a.rows_rejected == b.rows_rejected == 0 and a.rows_ok > 1000
+    for name in ("train.parquet", "test.parquet"):
+        assert_frame_equal(pl.read_parquet(tmp_path / "a" / name), pl.read_parquet(tmp_path / "b" / name))
 
 
 def test_default_key_from_settings(tmp_path, fraud_home, monkeypatch):
