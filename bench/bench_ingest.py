@@ -72,14 +72,16 @@ def transactions(rng: np.random.Generator, cust: pl.DataFrame, n: int, start: da
     return df.with_row_index("")  # Kaggle's leading unnamed index column
 
 
-def timed(fn, runs: int) -> tuple[float, object]:
-    "Median wall time of `runs` calls of `fn`, and its last result."
-    times, out = [], None
+def timed(fns: list, runs: int) -> tuple[list[float], list]:
+    "Median wall time of each of `fns` over `runs` rounds (interleaved, so load changes hit all alike), last results."
+    times: list[list[float]] = [[] for _ in fns]
+    outs: list = [None] * len(fns)
     for _ in range(runs):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            outs[i] = fn()
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times], outs
 
 
 def main() -> None:
@@ -101,9 +103,10 @@ def main() -> None:
         print(f"built {n:,} raw rows ({mb:,.0f} MB CSV) in {time.perf_counter() - t:.1f} s")
 
         # baselines: a plain typed read (bad values become null silently) and the all-strings read ingest starts from
-        base, _ = timed(lambda: [pl.read_csv(f, ignore_errors=True) for f in files], a.runs)
-        strs, _ = timed(lambda: [pl.read_csv(f, infer_schema=False) for f in files], a.runs)
-        ing, rep = timed(lambda: ingest_files(files, d / "clean", key="bench-key", progress=False), a.runs)
+        (base, strs, ing), (_, _, rep) = timed([
+            lambda: [pl.read_csv(f, ignore_errors=True) for f in files],
+            lambda: [pl.read_csv(f, infer_schema=False) for f in files],
+            lambda: ingest_files(files, d / "clean", key="bench-key", progress=False)], a.runs)
         assert not rep.failed and rep.rows_in == n and rep.rows_ok + rep.rows_rejected == n, str(rep)
         print(rep)
         print(f"baseline pl.read_csv (typed, ignore_errors): {base:6.2f} s  ({n / base:,.0f} rows/s)   median of {a.runs}")
