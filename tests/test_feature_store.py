@@ -20,6 +20,7 @@ from fraud_detection.feature_store import (
     CUSTOMER_VIEW,
     MERCHANT_RISK_OFFLINE,
     STATE_OFFLINE,
+    OnlineStoreUnavailable,
     apply,
     build_batch_features,
     data_dir,
@@ -169,9 +170,10 @@ def test_redis_down_fails_fast(redis_store_applied):
     "Nothing listens on the port: the read raises a ConnectionError at once instead of retrying for seconds."
     st = get_store(Settings(online_store="redis", redis_url=f"redis://127.0.0.1:{_free_port()}/0"))
     t0 = time.perf_counter()
-    with pytest.raises(redis.exceptions.ConnectionError):
+    with pytest.raises(OnlineStoreUnavailable, match="Connection refused") as e:
         read_state(st, ["c0"])
     assert time.perf_counter() - t0 < 0.5
+    assert isinstance(e.value.__cause__, redis.exceptions.ConnectionError)
 
 
 @pytest.mark.redis
@@ -183,9 +185,19 @@ def test_redis_hung_times_out(redis_store_applied):
         port = srv.getsockname()[1]
         st = get_store(Settings(online_store="redis", redis_url=f"redis://127.0.0.1:{port}/0"), timeout=0.1)
         t0 = time.perf_counter()
-        with pytest.raises((redis.exceptions.TimeoutError, redis.exceptions.ConnectionError)):
+        with pytest.raises(OnlineStoreUnavailable, match="redis online store unavailable"):
             read_merchant_risk(st, ["m1"])
         assert time.perf_counter() - t0 < 1.0
+
+
+def test_sqlite_unreadable_raises_unavailable(fraud_home):
+    "An online database that cannot be opened is reported as OnlineStoreUnavailable too."
+    apply(get_store(Settings()))
+    db = Path(get_store(Settings()).config.online_store.path)
+    db.unlink()
+    db.mkdir()  # a folder where the database file was: sqlite cannot open it
+    with pytest.raises(OnlineStoreUnavailable, match="sqlite online store unavailable"):
+        read_state(get_store(Settings()), ["c0"])
 
 
 @pytest.mark.slow
