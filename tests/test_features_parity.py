@@ -23,6 +23,7 @@ from fraud_detection.features import (
     batch_features,
     empty_state,
     incremental_features,
+    merchant_risk_slice,
     merchant_risk_table,
     merge_state,
     request_features,
@@ -65,14 +66,15 @@ def make_tx(n: int = 1500, customers: int = 12, days: int = 20, seed: int = 0) -
 
 
 def in_batches(tx: pl.DataFrame, sizes: list[int], risk: pl.DataFrame | None = None,
-               state: pl.DataFrame | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+               state: pl.DataFrame | None = None, sliced: bool = True) -> tuple[pl.DataFrame, pl.DataFrame]:
     "Run `tx` (in order) through incremental mode in micro-batches of the given sizes (cycled), carrying the state."
     state = empty_state() if state is None else state
     out, i, k = [], 0, 0
     while i < tx.height:
         size = sizes[k % len(sizes)]
         batch = tx[i:i + size].sample(fraction=1.0, shuffle=True, seed=k)  # order inside a batch must not matter
-        feats, updated = incremental_features(state, batch, risk)
+        rows = merchant_risk_slice(risk, batch) if sliced and risk is not None else risk
+        feats, updated = incremental_features(state, batch, rows)
         assert updated.height == batch["customer_id"].n_unique()
         state, i, k = merge_state(state, updated), i + size, k + 1
         out.append(feats)
@@ -141,12 +143,14 @@ def test_batch_ignores_input_order(tx: pl.DataFrame, risk: pl.DataFrame, batch: 
     assert batch.columns == tx.columns + [f for f in FEATURES if f not in tx.columns]
 
 
-@pytest.mark.parametrize("sizes", [[1], [7], [100], [10_000], [3, 1, 250, 17, 64, 1, 1, 500]])
-def test_incremental_equals_batch(tx: pl.DataFrame, risk: pl.DataFrame, batch: pl.DataFrame, sizes: list[int]) -> None:
+@pytest.mark.parametrize("sizes,sliced", [([1], True), ([7], False), ([100], True), ([10_000], False),
+                                          ([3, 1, 250, 17, 64, 1, 1, 500], True)])
+def test_incremental_equals_batch(tx: pl.DataFrame, risk: pl.DataFrame, batch: pl.DataFrame, sizes: list[int],
+                                  sliced: bool) -> None:
     if sizes == [1]:
         tx = tx.head(400)  # one transaction per call: keep it short
         batch = batch.head(400)
-    feats, state = in_batches(tx, sizes, risk)
+    feats, state = in_batches(tx, sizes, risk, sliced=sliced)
     assert_same_features(feats, batch)
     assert feats.select(c for c in FEATURES if not batch.schema[c].is_float()).equals(
         batch.select(c for c in FEATURES if not batch.schema[c].is_float()))  # counts and flags exactly
