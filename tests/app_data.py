@@ -1,7 +1,10 @@
 """A small scored dataset for the app tests: predictions, worker stats, a training reference, a run and a report."""
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -9,6 +12,30 @@ import polars as pl
 
 from fraud_detection import results as R
 from fraud_detection.runs import RunRecord
+
+_MODEL_TEMPLATE: Path | None = None
+
+
+def _model_template() -> Path:
+    "A registry (champion v0001, challenger v0002) and their evaluation reports from tiny synthetic data, built once."
+    global _MODEL_TEMPLATE
+    if _MODEL_TEMPLATE is None:
+        from fraud_detection import registry
+        from fraud_detection.evaluate import write_report
+        from fraud_detection.features import FEATURES
+        from fraud_detection.model import synthetic_features, time_split, train_model
+        root = Path(tempfile.mkdtemp(prefix="fraud-model-template-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        tr, va = time_split(synthetic_features(6000, fraud_rate=0.03, seed=1, days=60), valid_frac=0.3)
+        for i, depth in enumerate((3, 2)):
+            m = train_model(tr, va, FEATURES, params={"max_depth": depth}, num_boost_round=30, early_stopping_rounds=10,
+                            nthread=1)
+            v = registry.register(m, root=root / "registry")
+            registry.promote_if_better(v, va, root=root / "registry")
+            write_report({"full": m}, va, root / "reports" / v, shap_rows=200)
+            assert v == f"v000{i + 1}"
+        _MODEL_TEMPLATE = root
+    return _MODEL_TEMPLATE
 
 
 def make_scored_home(root: Path, n: int = 200, seed: int = 7) -> dict:
@@ -34,19 +61,8 @@ def make_scored_home(root: Path, n: int = 200, seed: int = 7) -> dict:
     nb = runs / "retrain" / "20260101T000000000000Z.ipynb"
     nb.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
     RunRecord(name="retrain", parameters={"scale": "demo"}, output=str(nb), status="ok", seconds=42.0, trigger="drift").save()
-    # the evaluation report of the serving model version
-    rep = data / "reports" / "v2"
-    rep.mkdir(parents=True, exist_ok=True)
-    (rep / "metrics.json").write_text(json.dumps({"version": "v2", "pr_auc": 0.874, "roc_auc": 0.991,
-                                                  "at_threshold": {"precision": 0.81, "recall": 0.77, "f1": 0.79}}))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(4, 3))
-    ax.plot([0, 0.5, 0.8, 1], [1, 0.9, 0.7, 0.1])
-    ax.set(xlabel="recall", ylabel="precision", title="PR curve (test data)")
-    fig.tight_layout()
-    fig.savefig(rep / "pr_curve.png", dpi=80)
-    plt.close(fig)
+    # a registry with champion and challenger, and their evaluation reports (real artefacts of the training code)
+    for sub in ("registry", "reports"):
+        shutil.copytree(_model_template() / sub, data / sub)
     eng.dispose()
     return {"db": data / "fraud.db", "predictions": preds, "url": f"sqlite:///{data / 'fraud.db'}"}

@@ -138,11 +138,13 @@ def test_performance_with_data(scored):
     assert [m.label for m in at.metric] == ["Precision", "Recall", "F1", "PR-AUC", "Labelled"]
     assert int(at.metric[4].value.replace(",", "")) > 0
     cmp = at.dataframe[0].value
-    assert list(cmp["model"]) == ["champion", "champion (same rows)", "challenger (shadow)"]
-    assert list(cmp["version"]) == ["v2", "v2", "v3"]
+    assert list(cmp["model"]) == ["champion", "challenger (shadow)"]
+    assert list(cmp["version"]) == ["v0001", "v0002"]
     assert len(at.get("vega_lite_chart")) == 2  # metrics over time, alert volume
-    assert len(at.get("image")) == 1  # the report's PR curve
-    assert "pr_auc" in list(at.dataframe[1].value["metric"])
+    assert len(at.get("image")) == 3  # the report's PR curve, calibration and SHAP summary
+    summary = at.dataframe[1].value  # the training report's headline table (evaluate.summary_table)
+    assert list(summary["model"]) == ["full"] and 0 < summary["pr_auc"].iloc[0] <= 1
+    assert "Promotion gate" in texts(at, "caption")
     # a delay longer than the data: only analyst labels would count, and there are none
     at.number_input(key="pf_delay").set_value(90).run()
     assert "No labelled transactions yet" in texts(at, "info")
