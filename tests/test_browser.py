@@ -11,9 +11,11 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
+import polars as pl
 import pytest
 from app_data import make_scored_home
 
@@ -114,6 +116,15 @@ def test_alerts_page(page, app_server):
     body = page.inner_text("body")
     assert "Case view" in body and "Model performance" in body  # navigation
     shoot(page, "1_alerts")
+    # live: a new decline written by "the stream worker" shows up without any click (fragment refresh + cache TTL)
+    alerts = page.locator('[data-testid="stMetric"]').first.locator('[data-testid="stMetricValue"]')
+    before = int(alerts.inner_text().replace(",", ""))
+    clock = R.event_clock(R.get_engine(app_server["url"]))
+    new = R.fake_predictions(1, seed=99, end=clock + timedelta(minutes=1), days=0.0001).with_columns(
+        fraud_probability=pl.lit(0.97), decision=pl.lit("decline"))
+    assert R.write_predictions(R.get_engine(app_server["url"]), new) == 1
+    page.wait_for_function("n => { const el = document.querySelector('[data-testid=\"stMetricValue\"]');"
+                           " return el && parseInt(el.innerText.replace(/,/g, '')) === n; }", arg=before + 1, timeout=45_000)
     # select the newest alert (the grid's row-selection cell) and open its case
     box = page.locator('[data-testid="stDataFrame"]').bounding_box()
     page.mouse.click(box["x"] + 16, box["y"] + 35 + 17)
@@ -126,10 +137,11 @@ def test_alerts_page(page, app_server):
 
 def test_case_page_and_labelling(page, app_server):
     eng = R.get_engine(app_server["url"])
-    alert = R.read_alerts(eng, decisions=["decline"], limit=1)
-    tn = alert["trans_num"][0]
+    alerts = R.read_alerts(eng, decisions=["decline"])  # the newest decline whose customer has earlier transactions
+    tn = next(a["trans_num"] for a in alerts.iter_rows(named=True)
+              if R.read_customer_history(eng, a["customer_id"], before=a["ts"]).height)
     open_page(page, app_server["base"], f"case?tx={tn}", "Why this score")
-    assert page.get_by_text("earlier transactions").is_visible()
+    assert page.get_by_text("Customer's earlier transactions").first.is_visible()
     assert page.locator('[data-testid="stVegaLiteChart"]').count() == 2  # SHAP reasons, location
     page.get_by_label("Note (optional)").fill("velocity burst, new merchant")
     page.get_by_label("Analyst").fill("analyst-42")
