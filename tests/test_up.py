@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fraud_detection.broker import free_port
 from fraud_detection.up import port_free
 
 pytestmark = [pytest.mark.kafka]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -43,7 +37,7 @@ def _scored(db: Path) -> int:
 
 
 def test_fraud_up_runs_scores_and_stops_cleanly(tmp_path: Path):
-    ports = {"FRAUD_BROKER_PORT": _free_port(), "FRAUD_API_PORT": _free_port(), "FRAUD_APP_PORT": _free_port()}
+    ports = {"FRAUD_BROKER_PORT": free_port(), "FRAUD_API_PORT": free_port(), "FRAUD_APP_PORT": free_port()}
     env = {**os.environ, "FRAUD_DATA_DIR": str(tmp_path / "data"), "FRAUD_RUNS_DIR": str(tmp_path / "runs"),
            **{k: str(v) for k, v in ports.items()}}
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
