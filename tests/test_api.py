@@ -111,6 +111,14 @@ def test_422_names_field_and_rule(system, client, change, field, rule):
     assert "4111111111111111" not in r.text  # the input is not echoed
 
 
+@pytest.mark.parametrize("field", ["unix_time", "city_pop"])
+def test_beyond_int64_is_422_not_500(system, client, field):
+    "The clean schema's integers are Int64: a bigger one must be refused at validation, not crash the features."
+    r = client.post("/v1/predict", json={**system.bodies()[0], field: 10**20})
+    assert r.status_code == 422, r.text
+    assert field in [e["field"] for e in r.json()["detail"]]
+
+
 def test_422_missing_field_and_bad_json(system, client):
     body = dict(system.bodies()[0])
     del body["merchant"]
