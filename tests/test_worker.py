@@ -6,6 +6,7 @@ two workers in one group. Crash safety (kill -9) is in test_worker_crash.py.
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from pathlib import Path
 
@@ -218,3 +219,28 @@ def test_two_workers_split_partitions(data, truth, tmp_path):
     assert a["duplicates"] == b["duplicates"] == 0
     assert_matches_batch(data, db_url(data), truth)
 
+
+
+def test_rebalance_mid_stream(data, truth, tmp_path):
+    "A second worker joins a live stream: partitions move, the new owner continues from the pushed state."
+    n = truth.test.height
+    logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
+    with fresh_broker() as bootstrap:
+        workers = [start_worker(data, bootstrap, logs[0])]
+        producer = threading.Thread(target=replay, args=(truth.test, bootstrap), daemon=True,
+                                    kwargs={"rate": n / 20, "progress": False})  # a live stream of 20 s
+        try:
+            wait_for(lambda: last_assignment(logs[0]) == list(range(PARTITIONS)), 60, "the first worker joined")
+            producer.start()
+            wait_for(lambda: result_count(db_url(data)) > 0, 30, "the first worker scoring")
+            workers.append(start_worker(data, bootstrap, logs[1]))
+            wait_for(lambda: all(len(last_assignment(log) or []) == PARTITIONS // 2 for log in logs), 60,
+                     "the partitions split between the two workers")
+            assert result_count(db_url(data)) < n, "the stream ended before the rebalance"
+            wait_for(lambda: result_count(db_url(data)) >= n, 60, "every transaction scored")
+        finally:
+            producer.join(60)
+            a, b = [stop_worker(w, log) for w, log in zip(workers, logs, strict=True)]
+    assert a["scored"] > 0 and b["scored"] > 0 and a["scored"] + b["scored"] == n
+    assert a["partitions"] == list(range(PARTITIONS)) and not set(a["assigned"]) & set(b["assigned"])
+    assert_matches_batch(data, db_url(data), truth)
