@@ -1,0 +1,166 @@
+"""Training and scoring benchmark at Sparkov size.
+
+Data: the simulator at full scale (≈1.3 M training, ≈0.54 M test transactions) cleaned and turned into
+features by the real feature code (`--source simulated`, default), or a synthetic feature frame of the
+same size (`--source synthetic`, no simulator involved).
+
+Figures (medians over `--runs`; noisy on a shared machine):
+- training + evaluation time of the pipeline: full model (hyperparameter grid, early stopping) + the
+  transaction-only baseline + test evaluation and report (target ≤ 5 min on 2 cores), and PR-AUC full vs baseline;
+- one-row SHAP latency: XGBoost-native `pred_contribs` vs `shap.TreeExplainer` (p50/p99);
+- `Scorer.score` latency for 1 row (with and without reasons) and 1000 rows, against the floor measured in
+  the same run: a bare `booster.inplace_predict` of one row (ratio). Target: 1-row p99 ≤ 2 ms.
+
+Usage: python bench/bench_train.py [--source simulated|synthetic] [--runs 1] [--grid default|single]
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before xgboost loads: no spin-waiting on a shared machine
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+
+
+def feature_frames(source: str, seed: int) -> tuple[pl.DataFrame, pl.DataFrame, list[str], list[str], dict, tuple]:
+    "(train features, test features, features, baseline features, seconds per step, clean (train, test) or ())."
+    t = time.perf_counter()
+    if source == "synthetic":
+        from fraud_detection.model import (
+            SYNTHETIC_BASELINE,
+            SYNTHETIC_FEATURES,
+            synthetic_features,
+            time_split,
+        )
+        df = synthetic_features(1_835_000, seed=seed, days=730)
+        train_f, test_f = time_split(df, valid_frac=0.293)  # Sparkov: 1.30 M train, 0.54 M test
+        return train_f, test_f, SYNTHETIC_FEATURES, SYNTHETIC_BASELINE, {"synthetic": time.perf_counter() - t}, ()
+    from fraud_detection.features import BASELINE_FEATURES, FEATURES
+    from fraud_detection.ingest import clean_frame
+    from fraud_detection.simulate import simulate
+    from fraud_detection.train import build_datasets
+    raw = simulate("full", seed=seed)
+    t1 = time.perf_counter()
+    clean = [clean_frame(f, "bench-key")[0] for f in raw]
+    t2 = time.perf_counter()
+    train_f, test_f = build_datasets(*clean, label_delay_days=7)
+    t3 = time.perf_counter()
+    return (train_f, test_f, FEATURES, BASELINE_FEATURES, {"simulate": t1 - t, "clean": t2 - t1, "features": t3 - t2},
+            tuple(clean))
+
+
+def request_latency(scorer, clean: tuple[pl.DataFrame, pl.DataFrame], n: int = 1000) -> dict:
+    "features + model + reasons for one transaction, as the API does it: request_features(tx, state row, risk rows)."
+    from fraud_detection.evaluate import time_calls
+    from fraud_detection.features import merchant_risk_table, request_features, state_from_history
+    train_tx, test_tx = clean
+    state = state_from_history(train_tx)
+    risk = merchant_risk_table(pl.concat([train_tx, test_tx]), label_delay_days=7)
+    txs = test_tx.head(20_000).sample(300, seed=1)  # early test rows: the training-period state is their history
+    reqs = []
+    for i in range(txs.height):
+        tx = txs[i:i + 1]
+        day = tx["ts"][0].date()
+        reqs.append((tx, state.filter(pl.col("customer_id") == tx["customer_id"][0]),
+                     risk.filter((pl.col("merchant") == tx["merchant"][0]) & (pl.col("day") <= day)).tail(1)))
+    feats = time_calls(lambda i: request_features(*reqs[i % len(reqs)]), n)
+    both = time_calls(lambda i: scorer.score(request_features(*reqs[i % len(reqs)])), n)
+    return {"features": feats, "features_model_reasons": both}
+
+
+def train_and_evaluate(train_f, test_f, features, baseline_features, grid, out: Path) -> dict:
+    "One timed run of what `train_pipeline` does after the features: train full + baseline, evaluate, report."
+    from fraud_detection.evaluate import evaluate_scorer, write_report
+    from fraud_detection.model import time_split, train_model
+    t0 = time.perf_counter()
+    tr, va = time_split(train_f, valid_frac=0.2)
+    full = train_model(tr, va, features, grid=grid, nthread=2)
+    t1 = time.perf_counter()
+    base = train_model(tr, va, baseline_features, grid=grid, nthread=2)
+    t2 = time.perf_counter()
+    full.meta["metrics"] = {"test": evaluate_scorer(full, test_f)}
+    report = write_report({"full": full, "baseline": base}, test_f, out)
+    t3 = time.perf_counter()
+    return {"total": t3 - t0, "train_full": t1 - t0, "train_baseline": t2 - t1, "evaluate_report": t3 - t2,
+            "full": full, "report": report}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", choices=["simulated", "synthetic"], default="simulated")
+    ap.add_argument("--runs", type=int, default=1, help="training runs (median reported)")
+    ap.add_argument("--grid", choices=["default", "single"], default="default")
+    ap.add_argument("--seed", type=int, default=42)
+    args = ap.parse_args()
+
+    import xgboost as xgb
+
+    from fraud_detection.evaluate import shap_latency, time_calls
+    from fraud_detection.model import DEFAULT_GRID
+
+    train_f, test_f, features, baseline_features, prep, clean = feature_frames(args.source, args.seed)
+    print(f"data ({args.source}): train {train_f.height:,} rows ({int(train_f['is_fraud'].sum()):,} fraud), "
+          f"test {test_f.height:,} rows ({int(test_f['is_fraud'].sum()):,} fraud), {len(features)} features; "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in prep.items()))
+
+    grid = DEFAULT_GRID if args.grid == "default" else None
+    runs = []
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(args.runs):
+            r = train_and_evaluate(train_f, test_f, features, baseline_features, grid, Path(d) / f"run{i}")
+            runs.append(r)
+            print(f"run {i + 1}: training + evaluation {r['total']:.1f} s (full {r['train_full']:.1f} s, "
+                  f"baseline {r['train_baseline']:.1f} s, evaluate + report {r['evaluate_report']:.1f} s)")
+    med = statistics.median(r["total"] for r in runs)
+    full, rep = runs[-1]["full"], runs[-1]["report"]["models"]
+    print(f"training + evaluation: median {med:.1f} s over {len(runs)} run(s)  (target ≤ 300 s on 2 cores)")
+    print("search:", [(s["params"], round(s["valid_aucpr"], 4), s["trees"], s["seconds"]) for s in full.meta["search"]],
+          "chosen:", full.meta["chosen"])
+    for name in ("full", "baseline"):
+        m = rep[name]["metrics"]
+        print(f"  {name:<8} PR-AUC {m['pr_auc']:.4f}  ROC-AUC {m['roc_auc']:.4f}  recall@1%FPR {m['recall_at_1pct_fpr']:.3f}  "
+              f"review P/R {m['at_review']['precision']:.3f}/{m['at_review']['recall']:.3f}  "
+              f"decline P/R {m['at_decline']['precision']:.3f}/{m['at_decline']['recall']:.3f}  "
+              f"fraud amount caught {m['at_review'].get('fraud_amount_share', 0):.1%}")
+
+    # --- latency: explanations, Scorer, floor ---
+    rows = test_f.sample(2000, seed=0)
+    X = full.matrix(rows)
+    lat = shap_latency(full, X, n=300)
+    nat, te = lat["native"], lat["tree_explainer"]
+    print(f"SHAP one row: native p50 {nat['p50_us']:.0f} µs p99 {nat['p99_us']:.0f} µs | TreeExplainer p50 "
+          f"{te['p50_us']:.0f} µs p99 {te['p99_us']:.0f} µs  ({te['p50_us'] / nat['p50_us']:.0f}x slower)")
+
+    one = [rows[i:i + 1] for i in range(rows.height)]
+    booster: xgb.Booster = full.booster
+    n = 2000
+    floor = time_calls(lambda i: booster.inplace_predict(X[i % len(X)][None, :], predict_type="margin"), n)
+    plain = time_calls(lambda i: full.score(one[i % len(one)], explain=False), n)
+    expl = time_calls(lambda i: full.score(one[i % len(one)]), n)
+    batch = rows.head(1000)
+    b_plain = time_calls(lambda i: full.score(batch, explain=False), 30, warmup=3)
+    b_flag = time_calls(lambda i: full.score(batch, explain="flagged"), 30, warmup=3)
+    b_expl = time_calls(lambda i: full.score(batch), 5, warmup=1)
+    f = floor["p50_us"]
+    print(f"floor: booster.inplace_predict, 1 row: p50 {floor['p50_us']:.0f} µs p99 {floor['p99_us']:.0f} µs")
+    for name, r in (("Scorer.score 1 row, no reasons", plain), ("Scorer.score 1 row + top-3 reasons", expl)):
+        print(f"{name}: p50 {r['p50_us']:.0f} µs p99 {r['p99_us']:.0f} µs  ({r['p50_us'] / f:.1f}x floor p50)  "
+              f"(target p99 ≤ 2000 µs)")
+    for name, r in (("no reasons", b_plain), ("reasons for flagged rows", b_flag), ("reasons for all", b_expl)):
+        print(f"Scorer.score 1000 rows, {name}: p50 {r['p50_us'] / 1e3:.1f} ms p99 {r['p99_us'] / 1e3:.1f} ms")
+    if clean:
+        rl = request_latency(full, clean)
+        for name, r in (("request_features", rl["features"]), ("request_features + Scorer.score + reasons",
+                                                                rl["features_model_reasons"])):
+            print(f"{name}, 1 row: p50 {r['p50_us']:.0f} µs p99 {r['p99_us']:.0f} µs  "
+                  f"({r['p50_us'] / f:.1f}x floor p50)")
+
+
+if __name__ == "__main__":
+    main()
