@@ -148,6 +148,7 @@ def test_malformed_messages_go_to_dlq(data, truth):
                 p.produce(TOPIC_TRANSACTIONS, key=good[10][0], value=good[10][1], headers=message_headers())
                 p.produce(TOPIC_TRANSACTIONS, key=stale[0], value=stale[1], headers=message_headers())
         assert p.flush(10) == 0 and not bad
+        del p  # no reconnect attempts once the broker stops
         stats = run_worker(settings_for(data, bootstrap), idle_exit=1.5)
         dlq = topic_messages(bootstrap, TOPIC_DLQ, len(sent_bad) + 1)
     assert (stats.scored, stats.dlq, stats.stale, stats.duplicates) == (400, len(BAD) + 1, 1, 1)

@@ -92,17 +92,21 @@ def test_kill9_at_random_points(data, truth, tmp_path):
     assert last["dlq"] == 0 and last["scored"] == n - seen[-1]
 
 
+def _crash_at(data, bootstrap, log, steps) -> None:
+    "One worker run per step, each SIGKILLing itself right after that step of its (i + 2)-th batch."
+    for i, step in enumerate(steps):
+        w = start_worker(data, bootstrap, log, *SMALL_BATCHES, FRAUD_WORKER_CRASH_AFTER=f"{step}:{2 + i}")
+        assert w.wait(90) == -signal.SIGKILL, log.read_text()[-2000:]
+        assert f"crash injected after {step}" in log.read_text()
+
+
 def test_crash_after_each_step(data, truth, tmp_path):
-    "A crash right after each step of a batch (DLQ+publish, results, state push, commit), then a clean run."
+    "A crash right after publishing, after the state push, after the results write; then a clean run."
     n = truth.test.height
     log = tmp_path / "worker.log"
     with fresh_broker() as bootstrap:
         replay(truth.test, bootstrap, progress=False)
-        assert set(STEPS) == {"publish", "write", "push", "commit"}
-        for i, step in enumerate(("commit", "publish", "push", "write")):  # `write` last: the clean run redoes it
-            w = start_worker(data, bootstrap, log, *SMALL_BATCHES, FRAUD_WORKER_CRASH_AFTER=f"{step}:{2 + i}")
-            assert w.wait(90) == -signal.SIGKILL, log.read_text()[-2000:]
-            assert f"crash injected after {step}" in log.read_text()
+        _crash_at(data, bootstrap, log, ("publish", "push", "write"))  # `write` last: the clean run redoes it
         last = _finish(data, bootstrap, log, n)
         published = topic_messages(bootstrap, TOPIC_PREDICTIONS, 2 * n)
     assert_matches_batch(data, db_url(data), truth)
@@ -113,11 +117,12 @@ def test_crash_after_each_step(data, truth, tmp_path):
 
 @pytest.mark.slow
 def test_kill9_many_times(data, truth, tmp_path):
-    "Ten kill -9s at random moments."
+    "A crash after each step (commit too), then ten kill -9s at random moments."
     n = truth.test.height
     log = tmp_path / "worker.log"
     with fresh_broker() as bootstrap:
         replay(truth.test, bootstrap, progress=False)
+        _crash_at(data, bootstrap, log, STEPS)
         _kill_randomly(data, bootstrap, log, kills=10, seed=7)
         _finish(data, bootstrap, log, n)
     assert_matches_batch(data, db_url(data), truth)
