@@ -3,6 +3,7 @@ with a real Redis that is stopped or never there, 422/401/413, batch limit, hot 
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -267,6 +268,28 @@ def test_degraded_when_redis_stops_and_recovers(tmp_path, own_redis):
         time.sleep(0.35)
         assert c.post("/v1/predict", json=body).json()["degraded"] is False
         assert c.get("/readyz").status_code == 200
+
+
+@pytest.mark.redis
+def test_degraded_when_redis_hangs(tmp_path, own_redis):
+    "A Redis that accepts connections but never answers (SIGSTOP): degraded within budget, back after SIGCONT."
+    port, procs, _ = own_redis
+    sys_ = build_system(tmp_path, online_store="redis", redis_url=f"redis://127.0.0.1:{port}/0", n_incoming=5)
+    body = sys_.bodies()[0]
+    with TestClient(create_app(sys_.settings, config=ApiConfig(store_retry_s=0.3))) as c:
+        assert c.post("/v1/predict", json=body).json()["degraded"] is False
+        procs[0].send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(5):
+                t0 = time.perf_counter()
+                r = c.post("/v1/predict", json=body)
+                took = time.perf_counter() - t0
+                assert r.status_code == 200 and r.json()["degraded"] is True and took < BUDGET_S, (r.text, took)
+            assert c.get("/readyz").status_code == 503
+        finally:
+            procs[0].send_signal(signal.SIGCONT)
+        time.sleep(0.35)
+        assert c.post("/v1/predict", json=body).json()["degraded"] is False
 
 
 @pytest.mark.redis
