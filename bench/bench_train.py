@@ -127,7 +127,8 @@ def main() -> None:
         print(f"  {name:<8} PR-AUC {m['pr_auc']:.4f}  ROC-AUC {m['roc_auc']:.4f}  recall@1%FPR {m['recall_at_1pct_fpr']:.3f}  "
               f"review P/R {m['at_review']['precision']:.3f}/{m['at_review']['recall']:.3f}  "
               f"decline P/R {m['at_decline']['precision']:.3f}/{m['at_decline']['recall']:.3f}  "
-              f"fraud amount caught {m['at_review'].get('fraud_amount_share', 0):.1%}")
+              f"fraud amount caught {m['at_review'].get('fraud_amount_share', 0):.1%}  "
+              f"expected/observed frauds {m['expected_vs_observed']:.2f}")
 
     # --- latency: explanations, Scorer, floor ---
     rows = test_f.sample(2000, seed=0)
