@@ -8,6 +8,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# XGBoost's idle OpenMP threads must not spin on 2 shared cores (notebooks, tests, services inherit this)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install up test test-fast test-slow bench lab export clean-nbs lint check-sync lock system-deps
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before xgboost loads: idle OpenMP threads must not spin
 from collections.abc import Iterator
 from pathlib import Path
 
