@@ -152,6 +152,19 @@ def test_batch_pipeline_end_to_end(store, fraud_home):
     assert on.sort("merchant").equals(want_risk)
 
 
+def test_scheduled_run_leaves_customer_state_to_the_stream(store, fraud_home):
+    "push_online=False (the scheduler's mode while the stream runs): merchant risk refreshed online, state untouched."
+    from fraud_detection.ingest import ingest_files
+    from fraud_detection.simulate import simulate_to_files
+    d = data_dir(store)
+    ingest_files(simulate_to_files("small", out_dir=d / "raw", seed=7), d / "clean", key="test", progress=False)
+    summary = build_batch_features(d / "clean", label_delay_days=3, store=store, push_online=False)
+    train = pl.read_parquet(d / "clean" / "train.parquet")
+    assert read_state(store, train["customer_id"].unique().to_list()).height == 0
+    assert read_merchant_risk(store, train["merchant"].unique().to_list()).height == summary["merchants"]
+    assert (d / "features").is_dir() and not summary["pushed_online"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
