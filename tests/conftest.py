@@ -62,3 +62,28 @@ def fraud_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     get_settings.cache_clear()
     yield tmp_path
     get_settings.cache_clear()
+
+
+# --- stream-worker tests (test_worker.py, test_worker_crash.py): one prepared data dir for the session ---
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    "A data dir with clean data, batch features (state as of the end of train), champion and challenger."
+    from worker_data import build_data_dir
+    data = tmp_path_factory.mktemp("worker") / "data"
+    build_data_dir(data)
+    return data
+
+
+@pytest.fixture(scope="session")
+def truth(prepared: Path):
+    "The batch path's features, scores and state for the prepared data dir."
+    from worker_data import batch_truth
+    return batch_truth(prepared)
+
+
+@pytest.fixture
+def data(prepared: Path, tmp_path: Path) -> Path:
+    "This test's own copy of the prepared data dir."
+    from worker_data import copy_data_dir
+    return copy_data_dir(prepared, tmp_path / "data")

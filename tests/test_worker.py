@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from pathlib import Path
 
 import polars as pl
 import pytest
@@ -17,9 +16,6 @@ from confluent_kafka import Producer
 from worker_data import (
     PARTITIONS,
     assert_matches_batch,
-    batch_truth,
-    build_data_dir,
-    copy_data_dir,
     db_url,
     fresh_broker,
     last_assignment,
@@ -47,23 +43,6 @@ from fraud_detection.worker import run_worker
 pytestmark = pytest.mark.kafka
 
 
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory) -> Path:
-    "A data dir with clean data, batch features (state as of the end of train), champion and challenger."
-    data = tmp_path_factory.mktemp("worker") / "data"
-    build_data_dir(data)
-    return data
-
-
-@pytest.fixture(scope="session")
-def truth(prepared):
-    return batch_truth(prepared)
-
-
-@pytest.fixture
-def data(prepared, tmp_path) -> Path:
-    "This test's own copy of the prepared data dir."
-    return copy_data_dir(prepared, tmp_path / "data")
 
 
 def test_end_to_end_matches_batch(data, truth):
@@ -229,7 +208,7 @@ def test_rebalance_mid_stream(data, truth, tmp_path):
     with fresh_broker() as bootstrap:
         workers = [start_worker(data, bootstrap, logs[0])]
         producer = threading.Thread(target=replay, args=(truth.test, bootstrap), daemon=True,
-                                    kwargs={"rate": n / 20, "progress": False})  # a live stream of 20 s
+                                    kwargs={"rate": n / 45, "progress": False})  # a live stream of 45 s: a joining worker needs ~12 s, more under load
         try:
             wait_for(lambda: last_assignment(logs[0]) == list(range(PARTITIONS)), 60, "the first worker joined")
             producer.start()

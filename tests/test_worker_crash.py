@@ -11,9 +11,6 @@ import time
 import pytest
 from worker_data import (
     assert_matches_batch,
-    batch_truth,
-    build_data_dir,
-    copy_data_dir,
     db_url,
     fresh_broker,
     result_count,
@@ -32,21 +29,6 @@ pytestmark = pytest.mark.kafka
 SMALL_BATCHES = ("--batch-size", "64", "--max-wait", "0.05")  # many batches, so kills land inside them
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    data = tmp_path_factory.mktemp("crash") / "data"
-    build_data_dir(data)
-    return data
-
-
-@pytest.fixture(scope="module")
-def truth(prepared):
-    return batch_truth(prepared)
-
-
-@pytest.fixture
-def data(prepared, tmp_path):
-    return copy_data_dir(prepared, tmp_path / "data")
 
 
 def _finish(data, bootstrap, log, n: int) -> dict:
