@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import polars as pl
 import pytest
 import sqlalchemy as sa
+from conftest import fresh_pg_database
 
 from fraud_detection import results as R
 
@@ -16,16 +16,8 @@ from fraud_detection import results as R
 @pytest.fixture(scope="session")
 def pg_database(postgres_url: str):
     "URL of a fresh PostgreSQL database for this session (dropped afterwards)."
-    name = f"fraud_test_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    yield url
-    R.get_engine(url).dispose()
-    with admin.connect() as c:
-        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_pg_database(postgres_url) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

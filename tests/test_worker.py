@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import threading
-import uuid
 
 import polars as pl
 import pytest
-import sqlalchemy as sa
 from confluent_kafka import Producer
+from conftest import fresh_pg_database
 from worker_data import (
     PARTITIONS,
     assert_matches_batch,
@@ -154,16 +153,8 @@ def test_redelivery_is_harmless(data, truth):
 @pytest.fixture
 def pg_url(postgres_url):
     "A fresh PostgreSQL database for one test (dropped after)."
-    name = f"fraud_worker_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    yield url
-    get_engine(url).dispose()
-    with admin.connect() as c:
-        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_pg_database(postgres_url, prefix="fraud_worker") as url:
+        yield url
 
 
 @pytest.mark.postgres
