@@ -26,13 +26,13 @@ from fraud_detection.core import Settings
 from fraud_detection.feature_store import (
     MERCHANT_RISK_OFFLINE,
     MERCHANT_VIEW,
-    RISK_SCHEMA,
     TIMESTAMP,
     apply,
     data_dir,
     get_store,
     write_offline_merchant_risk,
 )
+from fraud_detection.features import RISK_SCHEMA
 
 START, DAYS, MERCHANTS = date(2019, 1, 1), 538, 700
 

@@ -13,12 +13,11 @@ from fraud_detection.feature_store import (
     MERCHANT_RISK_OFFLINE,
     MERCHANT_VIEW,
     PUSH_SOURCE,
-    RISK_SCHEMA,
     STATE_OFFLINE,
     TIMESTAMP,
     feast_fields,
 )
-from fraud_detection.features import FEATURES, STATE_SCHEMA
+from fraud_detection.features import FEATURES, RISK_SCHEMA, STATE_SCHEMA
 
 customer = Entity(name="customer", join_keys=["customer_id"], value_type=ValueType.STRING,
                   description="A card holder: keyed hash of identity fields (no PII).")

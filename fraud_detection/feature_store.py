@@ -21,9 +21,9 @@ from urllib.parse import unquote, urlparse
 import polars as pl
 
 from .core import Settings, clean_schema, get_settings
-from fraud_detection.features import (
-    FEATURE_SCHEMA, FEATURES, MERCHANT_FEATURES, STATE_SCHEMA, batch_features, empty_state, merchant_risk_table,
-    state_from_history)
+from .features import (
+    FEATURES, MERCHANT_FEATURES, RISK_SCHEMA, STATE_SCHEMA, batch_features, empty_state,
+    merchant_risk_table, state_from_history)
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -32,10 +32,10 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'CUSTOMER_VIEW', 'PUSH_SOURCE', 'MERCHANT_VIEW', 'FEATURE_SERVICE', 'TIMESTAMP', 'STATE_OFFLINE',
-           'MERCHANT_RISK_OFFLINE', 'STORE_FILES', 'EPOCH', 'RISK_SCHEMA', 'PushTarget', 'wire_dtype', 'feast_fields',
-           'to_wire', 'from_wire', 'redis_connection_string', 'store_config', 'get_store', 'data_dir', 'apply',
-           'push_state', 'OnlineStoreUnavailable', 'read_state', 'write_offline_merchant_risk',
-           'read_offline_merchant_risk', 'materialize', 'read_merchant_risk', 'read_online', 'training_frame',
+           'MERCHANT_RISK_OFFLINE', 'STORE_FILES', 'EPOCH', 'PushTarget', 'wire_dtype', 'feast_fields', 'to_wire',
+           'from_wire', 'redis_connection_string', 'store_config', 'get_store', 'data_dir', 'apply', 'push_state',
+           'OnlineStoreUnavailable', 'read_state', 'write_offline_merchant_risk', 'read_offline_merchant_risk',
+           'materialize', 'read_merchant_risk', 'read_online', 'read_online_rows', 'training_frame',
            'build_batch_features']
 
 # %% ../nbs/11_feature_store.ipynb #12ad78ba
@@ -80,10 +80,6 @@ def to_wire(df: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
 def from_wire(df: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
     "Inverse of `to_wire`: the columns of `schema`, in its order and dtypes."
     return df.select(pl.col(c).cast(dt) for c, dt in schema.items())
-
-# %% ../nbs/11_feature_store.ipynb #41afee8a
-RISK_SCHEMA: dict[str, pl.DataType] = {  # merchant_risk_table's columns
-    "merchant": pl.String(), "day": pl.Date(), **{f: FEATURE_SCHEMA[f] for f in MERCHANT_FEATURES}}
 
 # %% ../nbs/11_feature_store.ipynb #48dc9bce
 def redis_connection_string(url: str, # redis://[user:password@]host:port/db (rediss:// for TLS)
@@ -225,14 +221,27 @@ def _state_frame(cols: dict[str, list]) -> pl.DataFrame:
     # strict=False lets polars read the stored Int64 epoch microseconds as Datetime("us") directly
     return pl.DataFrame({c: [cols[c][i] for i in keep] for c in STATE_SCHEMA}, schema=STATE_SCHEMA, strict=False)
 
-def _risk_frame(cols: dict[str, list]) -> pl.DataFrame:
-    "RISK_SCHEMA rows of the merchants found in an online response (`day` from the event time)."
+_EPOCH_NAIVE, _DAY0 = datetime(1970, 1, 1), date(1970, 1, 1).toordinal()
+
+def _state_rows(cols: dict[str, list]) -> list[dict]:
+    "The customers found in an online response as STATE_SCHEMA dicts (timestamps as datetimes)."
+    def ts(us: int) -> datetime: return _EPOCH_NAIVE + timedelta(microseconds=us)
+    out = []
+    for i in _found(cols, "customer_id", _state_feats()):
+        row = {c: cols[c][i] for c in STATE_SCHEMA}
+        row["last_ts"], row["recent_ts"] = ts(row["last_ts"]), [ts(v) for v in row["recent_ts"]]
+        out.append(row)
+    return out
+
+def _risk_rows(cols: dict[str, list]) -> list[dict]:
+    "The merchants found in an online response as RISK_SCHEMA dicts (`day` from the event time)."
     f = _risk_feats()
-    keep = _found(cols, "merchant", f)
-    day0 = date(1970, 1, 1).toordinal()
-    data = {c: [cols[c][i] for i in keep] for c in ["merchant", *f]}
-    data["day"] = [date.fromordinal(day0 + cols[f"{f[0]}__ts"][i] // 86400) for i in keep]
-    return pl.DataFrame({c: data[c] for c in RISK_SCHEMA}, schema=RISK_SCHEMA)
+    return [{"merchant": cols["merchant"][i], "day": date.fromordinal(_DAY0 + cols[f"{f[0]}__ts"][i] // 86400),
+             **{c: cols[c][i] for c in f}} for i in _found(cols, "merchant", f)]
+
+def _risk_frame(cols: dict[str, list]) -> pl.DataFrame:
+    "RISK_SCHEMA rows of the merchants found in an online response."
+    return pl.DataFrame(_risk_rows(cols), schema=RISK_SCHEMA, orient="row")
 
 def read_state(store: FeatureStore, # from get_store
                customer_ids: list[str], # customers to read (duplicates are read once)
@@ -297,6 +306,17 @@ def read_online(store: FeatureStore, # from get_store
     if not customer_ids: return empty_state(), pl.DataFrame(schema=RISK_SCHEMA)
     cols = _online(store, _service(store, service), {"customer_id": customer_ids, "merchant": merchants})
     return _state_frame(cols), _risk_frame(cols)
+
+def read_online_rows(store: FeatureStore, # from get_store
+                     customer_ids: list[str], # customer of each transaction
+                     merchants: list[str], # merchant of each transaction (same length)
+                     service: str = FEATURE_SERVICE, # the model's FeatureService
+                    ) -> tuple[list[dict], list[dict]]:
+    "`read_online` as plain dicts (state rows, merchant-risk rows): what `features.request_row` takes."
+    if len(customer_ids) != len(merchants): raise ValueError("one merchant per customer id expected")
+    if not customer_ids: return [], []
+    cols = _online(store, _service(store, service), {"customer_id": customer_ids, "merchant": merchants})
+    return _state_rows(cols), _risk_rows(cols)
 
 # %% ../nbs/11_feature_store.ipynb #8a9a2b37
 def training_frame(clean: pl.DataFrame, # clean transactions (core.clean_schema()), any order

@@ -5,19 +5,22 @@
 # %% ../nbs/10_features.ipynb #f07d85cc
 from __future__ import annotations
 
+from bisect import bisect_right
 from datetime import date, datetime, timedelta
 from functools import cache
+from itertools import accumulate
 
 import polars as pl
 
 from .core import CATEGORIES, clean_schema
+from .formula import Fx, Row, col, evaluate, exprs, when
 
 # %% auto #0
 __all__ = ['WINDOWS', 'STATE_HORIZON', 'TX_FEATURES', 'VELOCITY_FEATURES', 'HISTORY_FEATURES', 'MERCHANT_FEATURES', 'FEATURES',
-           'BASELINE_FEATURES', 'FEATURE_SCHEMA', 'REQUIRED_COLUMNS', 'STATE_SCHEMA', 'EARTH_RADIUS_KM',
+           'BASELINE_FEATURES', 'FEATURE_SCHEMA', 'REQUIRED_COLUMNS', 'STATE_SCHEMA', 'EARTH_RADIUS_KM', 'RISK_SCHEMA',
            'RISK_PRIOR_RATE', 'RISK_PSEUDO_COUNT', 'empty_state', 'haversine_km', 'merchant_risk_table',
            'merchant_risk_slice', 'batch_features', 'state_from_history', 'merge_state', 'incremental_features',
-           'request_features', 'assert_same_features']
+           'request_row', 'request_features', 'assert_same_features']
 
 # %% ../nbs/10_features.ipynb #684e3070
 WINDOWS: dict[str, timedelta] = {"10m": timedelta(minutes=10), "1h": timedelta(hours=1),
@@ -57,41 +60,59 @@ def empty_state() -> pl.DataFrame:
 EARTH_RADIUS_KM = 6371.0088  # mean Earth radius (IUGG)
 
 
-def haversine_km(lat1: pl.Expr,  # latitude of the first point, degrees
-                 lon1: pl.Expr,  # longitude of the first point, degrees
-                 lat2: pl.Expr,  # latitude of the second point, degrees
-                 lon2: pl.Expr,  # longitude of the second point, degrees
-                 ) -> pl.Expr:
+def haversine_km(lat1: Fx,  # latitude of the first point, degrees
+                 lon1: Fx,  # longitude of the first point, degrees
+                 lat2: Fx,  # latitude of the second point, degrees
+                 lon2: Fx,  # longitude of the second point, degrees
+                 ) -> Fx:
     "Great-circle distance in km between two points (null if any coordinate is null)."
     p1, p2 = lat1.radians(), lat2.radians()
-    a = ((p2 - p1) / 2).sin() ** 2 + p1.cos() * p2.cos() * ((lon2.radians() - lon1.radians()) / 2).sin() ** 2
+    a = ((p2 - p1) / 2).sin().square() + p1.cos() * p2.cos() * ((lon2.radians() - lon1.radians()) / 2).sin().square()
     return 2 * EARTH_RADIUS_KM * a.sqrt().arcsin()
 
 # %% ../nbs/10_features.ipynb #eb843528
 _C = "customer_id"
 _ORDER = [_C, "ts", "trans_num"]  # history order per customer; ties of ts by trans_num
-_CATEGORY = pl.Enum(CATEGORIES)
 
 
-def _tx_only() -> list[pl.Expr]:
+def _tx_only() -> list[Fx]:
     "Features of the transaction alone."
-    h = pl.col("ts").dt.hour().cast(pl.Int32)
+    ts, h = col("ts"), col("ts").hour()
     return [
-        pl.col("amt").log1p().alias("log_amt"), h.alias("hour"),
-        pl.col("ts").dt.weekday().cast(pl.Int32).alias("dow"),
-        h.is_in([22, 23, 0, 1, 2, 3]).cast(pl.Int32).alias("is_night"),
-        ((pl.col("ts").dt.date() - pl.col("dob")).dt.total_days() / 365.25).alias("age"),
-        (pl.col("gender") == "M").cast(pl.Int32).alias("gender_m"),
-        pl.col("category").cast(_CATEGORY, strict=False).to_physical().cast(pl.Int32).fill_null(-1)
-        .alias("category_code"),
-        haversine_km(pl.col("lat"), pl.col("long"), pl.col("merch_lat"), pl.col("merch_long")).alias("dist_home_km"),
+        col("amt").log1p().alias("log_amt"), h.alias("hour"), ts.weekday().alias("dow"),
+        h.is_in([22, 23, 0, 1, 2, 3]).to_int().alias("is_night"),
+        ((ts.date() - col("dob")).total_days() / 365.25).alias("age"),
+        (col("gender") == "M").to_int().alias("gender_m"), col("category").code(CATEGORIES).alias("category_code"),
+        haversine_km(col("lat"), col("long"), col("merch_lat"), col("merch_long")).alias("dist_home_km"),
     ]
+
+
+def _on_new() -> list[list[Fx]]:
+    "The row formulas on the new rows, in two stages: moments of prior amounts, then the features."
+    n, s, q, amt = col("_n"), col("_s"), col("_q"), col("amt")
+    moments = [when(n > 0, s / n).alias("amt_mean_prior"),
+               when(n > 1, ((q - s * s / n) / (n - 1)).clip_lower(0.0).sqrt()).alias("_sd")]
+    mean, sd = col("amt_mean_prior"), col("_sd")
+    features = [
+        *_tx_only(), n.to_int().alias("n_prior"),
+        when(mean > 0, amt / mean).alias("amt_ratio"),
+        when(sd > 1e-6 * mean, (amt - mean) / sd).alias("amt_z"),
+        ((col("ts") - col("_pts")).total_microseconds() / 1e6).alias("secs_since_prev"),
+        haversine_km(col("_pmerch_lat"), col("_pmerch_long"), col("merch_lat"), col("merch_long"))
+        .alias("dist_prev_km"),
+        (~col("_seen_merchant")).to_int().alias("new_merchant"),
+        (~col("_seen_category")).to_int().alias("new_category"),
+    ]
+    return [moments, features]
+
+
+_ON_NEW: list[list[Fx]] = _on_new()
 
 
 @cache
 def _stages(grouped: bool,  # rows of several customers (partition by customer) or of one
             ) -> tuple[list[pl.Expr], list[pl.Expr], list[list[pl.Expr]]]:
-    "The feature definition: (history, velocity) expressions over history rows, then stages over new rows."
+    "The feature definition: (history, velocity) expressions over history rows, then the `_ON_NEW` stages."
     def over(e: pl.Expr) -> pl.Expr: return e.over(_C) if grouped else e
     def prior_sum(c: str) -> pl.Expr: return over(pl.col(c).shift(1, fill_value=0).cum_sum())
     history = [
@@ -107,21 +128,7 @@ def _stages(grouped: bool,  # rows of several customers (partition by customer) 
     velocity = [e for w in WINDOWS for e in (
         over(pos - pl.col(f"_j{w}")).cast(pl.Int32).alias(f"n_{w}"),
         over(cs - cs.gather(pl.col(f"_j{w}"))).alias(f"amt_{w}"))]
-    n, s, q, amt = pl.col("_n"), pl.col("_s"), pl.col("_q"), pl.col("amt")
-    moments = [pl.when(n > 0).then(s / n).alias("amt_mean_prior"),
-               pl.when(n > 1).then(((q - s * s / n) / (n - 1)).clip(lower_bound=0.0).sqrt()).alias("_sd")]
-    mean, sd = pl.col("amt_mean_prior"), pl.col("_sd")
-    features = [
-        *_tx_only(), n.cast(pl.Int32).alias("n_prior"),
-        pl.when(mean > 0).then(amt / mean).alias("amt_ratio"),
-        pl.when(sd > 1e-6 * mean).then((amt - mean) / sd).alias("amt_z"),
-        ((pl.col("ts") - pl.col("_pts")).dt.total_microseconds() / 1e6).alias("secs_since_prev"),
-        haversine_km(pl.col("_pmerch_lat"), pl.col("_pmerch_long"), pl.col("merch_lat"), pl.col("merch_long"))
-        .alias("dist_prev_km"),
-        (~pl.col("_seen_merchant")).cast(pl.Int32).alias("new_merchant"),
-        (~pl.col("_seen_category")).cast(pl.Int32).alias("new_category"),
-    ]
-    return history, velocity, [moments, features]
+    return history, velocity, [exprs(stage) for stage in _ON_NEW]
 
 # %% ../nbs/10_features.ipynb #cd7d5562
 _SEEN = {"merchants": "merchant", "categories": "category"}  # seen set → its column
@@ -160,6 +167,8 @@ def _collect(lf: pl.LazyFrame) -> pl.DataFrame:
     return lf.collect(engine="in-memory", optimizations=pl.QueryOptFlags.none())
 
 # %% ../nbs/10_features.ipynb #b280c199
+RISK_SCHEMA: dict[str, pl.DataType] = {  # merchant_risk_table's columns (and the online store's risk rows)
+    "merchant": pl.String(), "day": pl.Date(), **{f: FEATURE_SCHEMA[f] for f in MERCHANT_FEATURES}}
 RISK_PRIOR_RATE = 0.005  # prior fraud rate for smoothing and cold start (≈ Sparkov's base rate)
 RISK_PSEUDO_COUNT = 20.0  # weight of the prior, in transactions
 
@@ -230,8 +239,8 @@ def _features(st: pl.DataFrame,  # state rows of the transactions' customers (or
     history, velocity, on_new = _stages(tx.height > 1 and tx[_C].n_unique() > 1)
     lf = lf.with_columns(history).with_columns(velocity)
     lf = lf.tail(1) if after_state else lf.filter("_new").sort("_i")  # the new rows, in tx's order
-    for exprs in on_new:
-        lf = lf.with_columns(exprs)
+    for stage in on_new:
+        lf = lf.with_columns(stage)
     out = _collect(_with_risk(lf, tx, merchant_risk))
     return pl.concat([tx, out[[f for f in FEATURES if f not in tx.columns]]], how="horizontal"), rows
 
@@ -295,26 +304,99 @@ def incremental_features(state: pl.DataFrame,  # state of (at least) the batch's
     return features, _next_state(st, rows)
 
 # %% ../nbs/10_features.ipynb #b95437e6
-def _tx_frame(tx: dict | pl.DataFrame,  # one clean transaction
+_COLD_HISTORY: Row = {  # the history columns of a customer's first transaction
+    "_n": 0, "_s": 0.0, "_q": 0.0, "_pts": None, "_pmerch_lat": None, "_pmerch_long": None,
+    "_seen_merchant": False, "_seen_category": False, **{f"n_{w}": 0 for w in WINDOWS},
+    **{f"amt_{w}": 0.0 for w in WINDOWS}}
+
+
+def _after_state(tx: Row,  # the transaction (clean columns)
+                 st: Row | None,  # its customer's state row, all of it before `tx`; None: no history
+                 ) -> Row:
+    "The history and velocity columns of a transaction that comes after its customer's whole state."
+    if st is None:
+        return dict(_COLD_HISTORY)
+    ts, k = st["recent_ts"], len(st["recent_ts"])
+    cs = list(accumulate(st["recent_amt"], initial=0.0))  # exclusive running sum of amounts, as the history stage
+    out = {"_n": st["n_prior"], "_s": st["sum_amt"], "_q": st["sumsq_amt"], "_pts": st["last_ts"],
+           "_pmerch_lat": st["last_lat"], "_pmerch_long": st["last_long"],
+           "_seen_merchant": tx["merchant"] in st["merchants"], "_seen_category": tx["category"] in st["categories"]}
+    for w, d in WINDOWS.items():
+        j = bisect_right(ts, tx["ts"] - d)  # the first recent transaction inside the window
+        out[f"n_{w}"], out[f"amt_{w}"] = k - j, cs[k] - cs[j]
+    return out
+
+
+def _risk_of(tx: Row,  # the transaction
+             merchant_risk: list[Row] | None,  # `RISK_SCHEMA` rows; None: cold
+             ) -> Row:
+    "The merchant-risk features: the merchant's latest row dated on or before the transaction's date."
+    day, best = tx["ts"].date(), None
+    for r in merchant_risk or ():
+        if r["merchant"] == tx["merchant"] and r["day"] <= day and (best is None or r["day"] > best["day"]):
+            best = r
+    if best is None:
+        return {"merchant_n_30d": 0, "merchant_fraud_rate_30d": RISK_PRIOR_RATE}
+    return {"merchant_n_30d": best["merchant_n_30d"] or 0,
+            "merchant_fraud_rate_30d": RISK_PRIOR_RATE if best["merchant_fraud_rate_30d"] is None
+            else float(best["merchant_fraud_rate_30d"])}
+
+
+def _clean_row(tx: Row) -> Row:
+    "A copy of a clean transaction dict with `ts`/`dob` parsed from ISO strings; every required column present."
+    missing = [c for c in REQUIRED_COLUMNS if c not in tx]
+    if missing:
+        raise ValueError(f"transactions lack columns {missing}")
+    row = dict(tx)
+    if isinstance(row["ts"], str):
+        row["ts"] = datetime.fromisoformat(row["ts"])
+    if isinstance(row["dob"], str):
+        row["dob"] = date.fromisoformat(row["dob"])
+    return row
+
+
+def request_row(tx: Row,  # one clean transaction (ts/dob as datetime/date or ISO strings)
+                state: Row | None,  # its customer's state row (`STATE_SCHEMA` values); None: no history
+                merchant_risk: list[Row] | None = None,  # `RISK_SCHEMA` rows (any merchants)
+                ) -> Row:
+    "`FEATURES` of one transaction as a dict, as `batch_features` gives them after the state's history."
+    row = _clean_row(tx)
+    if state is not None and state["customer_id"] != row[_C]:
+        raise ValueError(f"state of customer {state['customer_id']!r} given for a transaction of {row[_C]!r}")
+    if state is not None and row["ts"] <= state["last_ts"]:  # not after its state: the general core
+        risk = None if merchant_risk is None else pl.DataFrame(merchant_risk, schema=RISK_SCHEMA, orient="row")
+        out = _features(pl.DataFrame([state], schema=STATE_SCHEMA, orient="row"), _tx_frame(row), risk)[0]
+        return out.select(FEATURES).row(0, named=True)
+    row |= _after_state(row, state)
+    row |= _risk_of(row, merchant_risk)
+    for stage in _ON_NEW:
+        evaluate(stage, row)
+    return {f: row[f] for f in FEATURES}
+
+
+def _tx_frame(tx: Row | pl.DataFrame,  # one clean transaction
               ) -> pl.DataFrame:
     "A one-row clean frame from a dict (ts/dob as datetime/date or ISO strings)."
     if isinstance(tx, pl.DataFrame):
         return tx
-    row = dict(tx)
-    for k, parse in (("ts", datetime.fromisoformat), ("dob", date.fromisoformat)):
-        if isinstance(row.get(k), str):
-            row[k] = parse(row[k])
     schema = clean_schema()
-    return pl.from_dicts([row], schema={k: schema[k] for k in row if k in schema})
+    return pl.from_dicts([tx], schema={k: schema[k] for k in tx if k in schema})
 
 
-def request_features(tx: dict | pl.DataFrame,  # one clean transaction (dict or one-row frame)
+def request_features(tx: Row | pl.DataFrame,  # one clean transaction (dict or one-row frame)
                      state: pl.DataFrame | None,  # its customer's state row (other rows are ignored); None: no history
                      merchant_risk: pl.DataFrame | None = None,  # the merchant's risk row(s); None: cold merchant
                      ) -> pl.DataFrame:
     "One row: the transaction's columns + `FEATURES`, as `batch_features` gives them after the state's history."
-    df = _tx_frame(tx)
-    return _features(empty_state() if state is None else _state_of(state, df), df, merchant_risk)[0]
+    df = _tx_frame(tx if isinstance(tx, pl.DataFrame) else _clean_row(tx))
+    row = df.row(0, named=True)
+    st = None if state is None else _state_of(state, df).filter(pl.col(_C) == row[_C])
+    risk = None if merchant_risk is None else \
+        merchant_risk.filter(pl.col("merchant") == row["merchant"]).select(list(RISK_SCHEMA)).to_dicts()
+    feats = request_row(row, st.row(0, named=True) if st is not None and st.height else None, risk)
+    rest = [f for f in FEATURES if f not in df.columns]
+    return pl.concat([df, pl.DataFrame([[feats[f] for f in rest]], schema={f: FEATURE_SCHEMA[f] for f in rest},
+                                       orient="row")], how="horizontal")
 
 # %% ../nbs/10_features.ipynb #552ac150
 def assert_same_features(left: pl.DataFrame,  # feature rows (with `trans_num`)

@@ -280,6 +280,28 @@ class Scorer:
         "Score feature rows: trans_num?, fraud_probability, decision, reasons (list of structs), model_version."
         X = self.matrix(features)
         n = len(X)
+        p, d, rows, contribs = self._scored(X, explain)
+        cols = [pl.Series("fraud_probability", p, dtype=pl.Float64), pl.Series("decision", d.tolist(), dtype=pl.String),
+                reasons_series(contribs, X, rows, self.features, top_k),
+                pl.Series("model_version", [self.version] * n, dtype=pl.String)]
+        if "trans_num" in features.columns:
+            cols.insert(0, features.get_column("trans_num").cast(pl.String))
+        return pl.DataFrame(cols)
+
+    def score_row(self, features: dict,  # one row: feature name → value (None = missing), e.g. `request_row`'s
+                  explain: bool | Literal["flagged"] = True,  # reasons, none, or only if not approved
+                  top_k: int = 3,  # reasons
+                 ) -> dict:
+        "One row's fraud_probability, decision, reasons (list of dicts) and model_version, without building a frame."
+        X = np.array([[features[f] for f in self.features]], dtype=np.float64)  # None → NaN (missing)
+        p, d, rows, contribs = self._scored(X, explain)
+        return {"fraud_probability": float(p[0]), "decision": d[0], "model_version": self.version,
+                "reasons": top_reasons(contribs, X, self.features, top_k)[0] if len(rows) else []}
+
+    def _scored(self, X: np.ndarray, explain: bool | Literal["flagged"],
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        "(probabilities, decisions, indices of the explained rows, their SHAP values) of an input matrix."
+        n = len(X)
         contribs = np.empty((0, len(self.features) + 1))
         if explain is True and n:  # one DMatrix for margin and SHAP (same margins as inplace_predict, bit for bit)
             dm = xgb.DMatrix(X, missing=np.nan, nthread=self.nthread)
@@ -292,12 +314,7 @@ class Scorer:
         rows = np.arange(n) if explain is True else np.flatnonzero(d != "approve") if explain == "flagged" else np.arange(0)
         if explain == "flagged" and len(rows):
             contribs = contributions(self.booster, X[rows], self.nthread)
-        cols = [pl.Series("fraud_probability", p, dtype=pl.Float64), pl.Series("decision", d.tolist(), dtype=pl.String),
-                reasons_series(contribs, X, rows, self.features, top_k),
-                pl.Series("model_version", [self.version] * n, dtype=pl.String)]
-        if "trans_num" in features.columns:
-            cols.insert(0, features.get_column("trans_num").cast(pl.String))
-        return pl.DataFrame(cols)
+        return p, d, rows, contribs
 
 # %% ../nbs/30_model.ipynb #4591c2c1
 def fit_calibration(margin: np.ndarray,  # raw validation margins
