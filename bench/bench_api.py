@@ -3,10 +3,10 @@
 Measured in one run, on a tiny real system (simulated data, a registered champion, Feast SQLite online store
 holding the customers' state and merchant risk; tests/api_system.py):
 
-- floor: the online-store read (`feature_store.read_online`: state + merchant risk, one Feast call) plus the
-  model's predict of a prepared feature row (`Scorer.margin`): what no implementation can avoid;
+- floor: the online-store read (`feature_store.read_online_rows`: state + merchant risk, one Feast call) plus
+  the model's predict of a prepared feature row (`Scorer.margin`): what no implementation can avoid;
 - in-process scoring: `Predictor.predict` (store read + the shared feature code + model + SHAP reasons), and
-  its two largest parts alone (`request_features`, `Scorer.score`);
+  its parts alone (`read_online_rows`, `request_row`, `Scorer.score_row`);
 - HTTP at a fixed rate: an open-loop generator (asyncio, raw HTTP/1.1 keep-alive connections) sends POST
   /v1/predict at `--rate` req/s on a fixed schedule for `--seconds`; latency is counted from each request's
   *scheduled* time, so a stalled server cannot hide its queue (no coordinated omission);
@@ -15,7 +15,11 @@ holding the customers' state and merchant risk; tests/api_system.py):
 
 Prints p50/p99 in ms (median over `--runs` runs), the ratios to the floor and the targets (DESIGN.md: p99 <=
 10 ms at 200 req/s over HTTP, in-process p99 <= 2 ms, <= 3x the floor).
+The model: by default a tiny one trained on the tiny system's history (a few trees); `--model DIR` serves a
+registered model directory instead (e.g. `data/registry/v0001` after `fraud train` at full scale), which is
+what sets the SHAP cost.
 Usage: python bench/bench_api.py [--rate 200] [--seconds 10] [--runs 3] [--workers 2] [--wrk-seconds 10]
+                                 [--model DIR]
 """
 from __future__ import annotations
 
@@ -37,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from api_system import build_system, free_port, start_server, stop_server  # noqa: E402
 
 from fraud_detection.api import ApiConfig, Champion, OnlineFeatures, Predictor  # noqa: E402
-from fraud_detection.feature_store import get_store, read_online  # noqa: E402
-from fraud_detection.features import batch_features, request_features  # noqa: E402
+from fraud_detection.feature_store import get_store, read_online_rows  # noqa: E402
+from fraud_detection.features import batch_features, request_row  # noqa: E402
+from fraud_detection.model import Scorer  # noqa: E402
 from fraud_detection.schema import Transaction  # noqa: E402
 
 
@@ -173,13 +178,16 @@ def main() -> None:
     ap.add_argument("--wrk-seconds", type=int, default=10, help="duration of the throughput run")
     ap.add_argument("--conns", type=int, default=16, help="connections of the throughput run")
     ap.add_argument("--calls", type=int, default=2000, help="in-process calls per run")
+    ap.add_argument("--model", type=Path, default=None, help="registered model directory to serve (default: tiny)")
     a = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_api_"))
     t = time.perf_counter()
-    system = build_system(tmp, n_incoming=30)
+    system = build_system(tmp, n_incoming=30, scorer=Scorer.from_dir(a.model) if a.model else None)
+    depth = system.scorer.meta.get("params", {}).get("max_depth", "?")
     print(f"system: {system.clean.height} clean tx, {system.incoming.height} to score, model {system.version} "
-          f"({system.scorer.booster.num_boosted_rounds()} trees), SQLite online store ({time.perf_counter() - t:.1f} s)")
+          f"({system.scorer.booster.num_boosted_rounds()} trees, max_depth {depth}, "
+          f"{'from ' + str(a.model) if a.model else 'tiny'}), SQLite online store ({time.perf_counter() - t:.1f} s)")
     bodies = system.bodies()
     txs = [Transaction.model_validate(b) for b in bodies]
 
@@ -189,12 +197,18 @@ def main() -> None:
     feats = batch_features(system.clean, system.risk).tail(len(txs))
     rows = [(t.customer_id, t.merchant, scorer.matrix(feats[i:i + 1])) for i, t in enumerate(txs)]
     predictor = Predictor(Champion(scorer=scorer), OnlineFeatures(store, timeout_s=1.0))
-    floor = lambda r: (read_online(store, [r[0]], [r[1]]), scorer.margin(r[2]))  # noqa: E731
-    online = {t.trans_num: read_online(store, [t.customer_id], [t.merchant]) for t in txs}
-    feats_of = {t.trans_num: request_features(t.model_dump(), *online[t.trans_num]) for t in txs}
+    floor = lambda r: (read_online_rows(store, [r[0]], [r[1]]), scorer.margin(r[2]))  # noqa: E731
+    online = {t.trans_num: read_online_rows(store, [t.customer_id], [t.merchant]) for t in txs}
+
+    def features_of(tx: Transaction) -> dict:
+        states, risk = online[tx.trans_num]
+        return request_row(tx.model_dump(), states[0] if states else None, risk)
+    feats_of = {t.trans_num: features_of(t) for t in txs}
     parts = {  # where the in-process time goes (same calls as the Predictor makes)
-        "  of which request_features": lambda tx: request_features(tx.model_dump(), *online[tx.trans_num]),
-        "  of which Scorer.score (+SHAP)": lambda tx: scorer.score(feats_of[tx.trans_num], True, ApiConfig.top_k)}
+        "  of which read_online_rows": lambda tx: read_online_rows(store, [tx.customer_id], [tx.merchant]),
+        "  of which request_row": features_of,
+        "  of which Scorer.score_row (+SHAP)": lambda tx: scorer.score_row(feats_of[tx.trans_num], True, ApiConfig.top_k),
+        "  of which Scorer.score_row (no SHAP)": lambda tx: scorer.score_row(feats_of[tx.trans_num], False)}
     runs: dict[str, list] = {"floor": [], "inproc": [], **{k: [] for k in parts}}
     for _ in range(a.runs):
         runs["floor"].append(timed(floor, rows, a.calls))

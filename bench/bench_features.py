@@ -2,7 +2,8 @@
 
 Prints: batch_features time (median of 3) against a baseline measured in the same run (sort by customer and time +
 a per-customer `cum_sum().over()`: the least any per-customer history feature costs); incremental throughput in
-micro-batches of 1, 100 and 10,000 rows carrying the state; request_features latency p50/p99.
+micro-batches of 1, 100 and 10,000 rows carrying the state; one-transaction latency p50/p99 of `request_row` (the
+API's path: dicts in and out, the formulas' Python side) and of `request_features` (the same, from and to frames).
 Usage: python bench/bench_features.py [rows]   (default 1,850,000 rows, 1,000 customers, 693 merchants, 2 years)
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fraud_detection.features import (
     merchant_risk_table,
     merge_state,
     request_features,
+    request_row,
     state_from_history,
 )
 
@@ -94,15 +96,19 @@ def main(n: int = 1_850_000) -> None:
     calls = [tx.row(cut + i, named=True) for i in range(2000)]
     states = {c: state0.filter(pl.col("customer_id") == c) for c in {r["customer_id"] for r in calls}}
     risks = {m: latest.filter(pl.col("merchant") == m) for m in {r["merchant"] for r in calls}}
+    state_rows = {c: s.row(0, named=True) for c, s in states.items()}
+    risk_rows = {m: r.to_dicts() for m, r in risks.items()}
     for label, with_risk in (("state + merchant risk row", True), ("state only", False)):
-        lat = []
-        for r in calls:
-            s, m = states[r["customer_id"]], risks[r["merchant"]] if with_risk else None
-            t = time.perf_counter()
-            request_features(r, s, m)
-            lat.append(time.perf_counter() - t)
-        p50, p99 = np.percentile(lat, [50, 99]) * 1e3
-        print(f"request_features ({label}, {len(calls)} calls): p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+        for name, fn in (("request_row", lambda r, m: request_row(r, state_rows[r["customer_id"]], m and risk_rows[m])),
+                         ("request_features", lambda r, m: request_features(r, states[r["customer_id"]], m and risks[m]))):
+            lat = []
+            for r in calls:
+                m = r["merchant"] if with_risk else None
+                t = time.perf_counter()
+                fn(r, m)
+                lat.append(time.perf_counter() - t)
+            p50, p99 = np.percentile(lat, [50, 99]) * 1e3
+            print(f"{name} ({label}, {len(calls)} calls): p50 {p50:.3f} ms, p99 {p99:.3f} ms")
     floor = []
     for r in calls:
         t = time.perf_counter()

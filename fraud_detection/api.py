@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field, create_model
 
 from .core import Settings, get_settings
-from .features import empty_state, incremental_features, request_features
+from .features import RISK_SCHEMA, STATE_SCHEMA, empty_state, incremental_features, request_row
 from .schema import Transaction, to_frame
 
 if TYPE_CHECKING:
@@ -92,9 +92,9 @@ class OnlineFeatures:
         self.failures = 0  # failed or late reads so far
         self.last_error: str | None = None
 
-    def _read(self, customer_ids: list[str], merchants: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
-        from fraud_detection.feature_store import read_online
-        return read_online(self.store, customer_ids, merchants)
+    def _read(self, customer_ids: list[str], merchants: list[str]) -> tuple[list[dict], list[dict]]:
+        from fraud_detection.feature_store import read_online_rows
+        return read_online_rows(self.store, customer_ids, merchants)
 
     def _skip(self) -> bool:
         return self.store is None or time.monotonic() < self._down_until
@@ -118,13 +118,13 @@ class OnlineFeatures:
     def read(self, customer_ids: list[str],  # customers of the transactions
              merchants: list[str],  # their merchants
              timeout_s: float | None = None,  # deadline (default: self.timeout_s)
-            ) -> tuple[pl.DataFrame, pl.DataFrame] | None:
-        "(state rows, merchant-risk rows) of these ids; None when the store is unavailable, failed or late."
+            ) -> tuple[list[dict], list[dict]] | None:
+        "(state rows, merchant-risk rows) of these ids as dicts; None when the store is unavailable, failed or late."
         return None if self._skip() else self._wait(customer_ids, merchants, timeout_s or self.timeout_s)
 
     async def aread(self, customer_ids: list[str],  # customers of the transactions
                     merchants: list[str],  # their merchants
-                   ) -> tuple[pl.DataFrame, pl.DataFrame] | None:
+                   ) -> tuple[list[dict], list[dict]] | None:
         "`read` for an event loop: waits without blocking it."
         if self._skip():
             return None
@@ -205,20 +205,22 @@ class Predictor:
 
     def _score(self, scorer: Scorer, txs: list[Transaction], got: tuple | None, explain: bool, top_k: int) -> list[dict]:
         "Features from the online rows `got` (None: degraded) + model → prediction dicts in request order."
-        state, risk = got if got is not None else (None, None)
-        if len(txs) == 1:
-            feats = request_features(txs[0].model_dump(), state, risk)
+        states, risk = got if got is not None else ([], [])
+        last_ts = {s["customer_id"]: s["last_ts"] for s in states}
+        if len(txs) == 1:  # plain dicts from the store read to the answer: no frame is built for one request
+            t = txs[0]
+            state = next((s for s in states if s["customer_id"] == t.customer_id), None)
+            out = [{"trans_num": t.trans_num, **scorer.score_row(request_row(t.model_dump(), state, risk), explain, top_k)}]
         else:
-            feats, _ = incremental_features(empty_state() if state is None else state, to_frame(txs), risk)
-        by_id = {p["trans_num"]: p for p in scorer.score(feats, explain=explain, top_k=top_k).to_dicts()}
-        last_ts = dict(zip(state["customer_id"].to_list(), state["last_ts"].to_list(), strict=True)) \
-            if state is not None and state.height else {}
-        out = []
-        for t in txs:
-            p, seen = by_id[t.trans_num], last_ts.get(t.customer_id)
+            st = pl.DataFrame(states, schema=STATE_SCHEMA, orient="row") if states else empty_state()
+            rk = pl.DataFrame(risk, schema=RISK_SCHEMA, orient="row") if risk else None
+            feats, _ = incremental_features(st, to_frame(txs), rk)
+            by_id = {p["trans_num"]: p for p in scorer.score(feats, explain=explain, top_k=top_k).to_dicts()}
+            out = [by_id[t.trans_num] for t in txs]
+        for t, p in zip(txs, out, strict=True):
+            seen = last_ts.get(t.customer_id)
             p["feature_freshness"] = None if seen is None else (t.ts - seen).total_seconds()
             p["degraded"] = got is None
-            out.append(p)
         return out
 
     def predict(self, txs: list[Transaction],  # validated transactions (trans_num unique)
@@ -299,16 +301,25 @@ class RequestMetrics:
             self.metrics.responses.labels(endpoint, str(status[0])).inc()
 
 # %% ../nbs/50_api.ipynb #08c65969
+def _default(name: str) -> Any:
+    "The default of setting `api_<name>` (one place for each default: `Settings`)."
+    return Settings.model_fields[f"api_{name}"].default
+
 @dataclass(frozen=True)
 class ApiConfig:
-    "API tunables not in `Settings` (yet)."
-    max_batch: int = 1000  # most transactions in one /v1/predict/batch request
-    max_body_bytes: int = 1 << 20  # larger request bodies get 413 (1 MiB holds ~2,500 transactions)
-    store_timeout_s: float = 0.05  # deadline of one online-store read; past it the answer is degraded
-    store_retry_s: float = 1.0  # after a failed read, skip the store this long (answers degraded at once)
-    reload_interval_s: float = 1.0  # how often the champion alias file is checked
-    top_k: int = 3  # reasons per prediction unless the request asks otherwise
-    ready_timeout_s: float = 0.5  # /readyz: deadline of its probe read (a busy machine is not an unreachable store)
+    "The API's tunables: `Settings`' `api_*` values (`from_settings`), or given directly (tests)."
+    max_batch: int = _default("max_batch")  # most transactions in one /v1/predict/batch request
+    max_body_bytes: int = _default("max_body_bytes")  # larger request bodies get 413 (1 MiB: ~2,500 transactions)
+    store_timeout_s: float = _default("store_timeout_s")  # deadline of one online-store read; past it: degraded
+    store_retry_s: float = _default("store_retry_s")  # after a failed read, skip the store this long
+    reload_interval_s: float = _default("reload_interval_s")  # how often the champion alias file is checked
+    top_k: int = _default("top_k")  # reasons per prediction unless the request asks otherwise
+    ready_timeout_s: float = _default("ready_timeout_s")  # /readyz: deadline of its probe read
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> ApiConfig:
+        "The tunables of `s` (`api_max_batch`, `api_store_timeout_s`, ...)."
+        return cls(**{f: getattr(s, f"api_{f}") for f in cls.__dataclass_fields__})
 
 def _example() -> Transaction:
     "The schema's documented example transaction (warm-up)."
@@ -368,11 +379,11 @@ TopK = Annotated[int, Query(ge=1, le=20, description="reasons per prediction")]
 def create_app(settings: Settings | None = None,  # default: get_settings()
                scorer: Scorer | None = None,  # serve this model (default: the registry's champion, hot-reloaded)
                store: FeatureStore | None = None,  # Feast store (default: feature_store.get_store(settings))
-               config: ApiConfig | None = None,  # tunables (default: ApiConfig())
+               config: ApiConfig | None = None,  # tunables (default: ApiConfig.from_settings(settings))
               ) -> FastAPI:
     "The fraud-scoring FastAPI app; model and store are loaded by its lifespan (at startup, not here)."
     settings = settings or get_settings()
-    config = config or ApiConfig()
+    config = config or ApiConfig.from_settings(settings)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -480,11 +491,11 @@ def create_app(settings: Settings | None = None,  # default: get_settings()
 # %% ../nbs/50_api.ipynb #4de55969
 def serve(host: str | None = None,  # interface (default: settings.api_host)
           port: int | None = None,  # port (default: settings.api_port)
-          workers: int = 1,  # uvicorn worker processes
+          workers: int | None = None,  # uvicorn worker processes (default: settings.api_workers)
           log_level: str = "info",  # uvicorn log level
          ) -> None:
     "Run the API with uvicorn until stopped."
     import uvicorn
     s = get_settings()
     uvicorn.run("fraud_detection.api:create_app", factory=True, host=host or s.api_host, port=port or s.api_port,
-                workers=workers, log_level=log_level, access_log=False)
+                workers=workers or s.api_workers, log_level=log_level, access_log=False)

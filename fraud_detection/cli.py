@@ -160,7 +160,7 @@ def train_cmd(
 def serve_cmd(
     host: Annotated[str | None, typer.Option(help="interface (default: FRAUD_API_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default: FRAUD_API_PORT)")] = None,
-    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+    workers: Annotated[int | None, typer.Option(help="uvicorn worker processes (default: FRAUD_API_WORKERS)")] = None,
 ):
     "Serve the scoring API (FastAPI + uvicorn): /v1/predict, /docs, /metrics."
     from fraud_detection.api import serve

@@ -69,6 +69,7 @@ def build_system(root: Path,  # folder for data/
                  redis_url: str | None = None,  # Redis for online_store="redis"
                  n_incoming: int = 30,  # held-out transactions
                  seed: int = 3,  # simulator seed
+                 scorer: Scorer | None = None,  # serve this model (default: a tiny one trained on the history)
                  ) -> ApiSystem:
     "Build the system under root/data."
     kw = {"redis_url": redis_url} if redis_url else {}
@@ -79,7 +80,8 @@ def build_system(root: Path,  # folder for data/
     n_incoming = min(n_incoming, clean.filter(pl.col("ts").dt.date() == last_day).height)
     history, incoming = clean.head(clean.height - n_incoming), clean.tail(n_incoming)
     risk = merchant_risk_table(clean, settings.label_delay_days)
-    scorer = train_tiny(batch_features(history, merchant_risk_table(history, settings.label_delay_days)))
+    if scorer is None:
+        scorer = train_tiny(batch_features(history, merchant_risk_table(history, settings.label_delay_days)))
     reg = settings.data / "registry"
     version = register(scorer, root=reg)
     set_alias("champion", version, root=reg)
