@@ -174,6 +174,7 @@ class Champion:
                 return False
             try:
                 new = self._load()
+                new.row_explainer  # noqa: B018 - build its one-row SHAP tables here, not in the first request
             except Exception as e:  # noqa: BLE001 - keep serving the old model, retry on the next change
                 self.error = f"{type(e).__name__}: {e}"
                 log.warning("champion not loaded: %s", self.error)

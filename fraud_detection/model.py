@@ -11,6 +11,7 @@ import math
 import platform
 import time
 from datetime import datetime, timedelta
+from functools import cached_property
 from importlib.metadata import PackageNotFoundError, version as _pkg_version
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,8 @@ from typing import Literal
 import numpy as np
 import polars as pl
 import xgboost as xgb
+
+from .treeshap import TreeShap
 
 # %% auto #0
 __all__ = ['LABEL', 'SYNTHETIC_BASELINE', 'SYNTHETIC_FEATURES', 'DEFAULT_PARAMS', 'DEFAULT_GRID', 'DECISIONS', 'REASON_DTYPE',
@@ -288,15 +291,33 @@ class Scorer:
             cols.insert(0, features.get_column("trans_num").cast(pl.String))
         return pl.DataFrame(cols)
 
+    @cached_property
+    def row_explainer(self) -> TreeShap | None:
+        "The one-row margin and SHAP tables of this model (None if it cannot be tabulated)."
+        try:
+            return TreeShap(self.booster)
+        except ValueError:
+            return None
+
     def score_row(self, features: dict,  # one row: feature name → value (None = missing), e.g. `request_row`'s
                   explain: bool | Literal["flagged"] = True,  # reasons, none, or only if not approved
                   top_k: int = 3,  # reasons
                  ) -> dict:
         "One row's fraud_probability, decision, reasons (list of dicts) and model_version, without building a frame."
         X = np.array([[features[f] for f in self.features]], dtype=np.float64)  # None → NaN (missing)
-        p, d, rows, contribs = self._scored(X, explain)
-        return {"fraud_probability": float(p[0]), "decision": d[0], "model_version": self.version,
-                "reasons": top_reasons(contribs, X, self.features, top_k)[0] if len(rows) else []}
+        ts = self.row_explainer
+        if ts is None:
+            p, d, rows, contribs = self._scored(X, explain)
+            reasons = top_reasons(contribs, X, self.features, top_k)[0] if len(rows) else []
+        else:
+            margin, phi = ts.explain(X[0]) if explain is True else (ts.margin(X[0]), None)
+            p = self.proba(np.array([margin]))
+            d = decide(p, self.thresholds)
+            if explain == "flagged" and d[0] != "approve":
+                phi = ts.shap_values(X[0])
+            reasons = top_reasons(phi[None, :], X, self.features, top_k)[0] if phi is not None else []
+        return {"fraud_probability": float(p[0]), "decision": d[0],
+                "model_version": self.version, "reasons": reasons}
 
     def _scored(self, X: np.ndarray, explain: bool | Literal["flagged"],
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
