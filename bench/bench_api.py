@@ -196,7 +196,7 @@ def main() -> None:
     scorer = system.scorer
     feats = batch_features(system.clean, system.risk).tail(len(txs))
     rows = [(t.customer_id, t.merchant, scorer.matrix(feats[i:i + 1])) for i, t in enumerate(txs)]
-    predictor = Predictor(Champion(scorer=scorer), OnlineFeatures(store, timeout_s=1.0))
+    predictor = Predictor(Champion(scorer=scorer), OnlineFeatures(store))
     floor = lambda r: (read_online_rows(store, [r[0]], [r[1]]), scorer.margin(r[2]))  # noqa: E731
     online = {t.trans_num: read_online_rows(store, [t.customer_id], [t.merchant]) for t in txs}
 
@@ -215,7 +215,6 @@ def main() -> None:
         runs["inproc"].append(timed(lambda tx: predictor.predict([tx], True, ApiConfig.top_k), txs, a.calls))
         for k, fn in parts.items():
             runs[k].append(timed(fn, txs, a.calls))
-    predictor.online.close()
     med = {k: tuple(statistics.median(r[i] for r in v) for i in (0, 1)) for k, v in runs.items()}
     (f50, f99), (i50, i99) = med["floor"], med["inproc"]
 

@@ -12,7 +12,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,69 +79,41 @@ class ModelInfo(BaseModel):
 
 # %% ../nbs/50_api.ipynb #8fe3b537
 class OnlineFeatures:
-    "Customer state + merchant risk from the online store, within a deadline; never raises, never hangs."
+    "Customer state + merchant risk from the online store; never raises, degraded (None) when the store fails."
     def __init__(self, store: FeatureStore | None,  # from feature_store.get_store (None: no store, always degraded)
-                 timeout_s: float = 0.05,  # deadline of one read
-                 retry_s: float = 1.0,  # after a failed or late read, skip the store this long
-                 threads: int = 4,  # reads in flight at most
+                 retry_s: float = 1.0,  # after a failed read, skip the store this long
                 ):
-        self.store, self.timeout_s, self.retry_s = store, timeout_s, retry_s
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="online-store")
+        self.store, self.retry_s = store, retry_s
         self._down_until = 0.0
-        self.failures = 0  # failed or late reads so far
+        self.failures = 0  # failed reads so far
         self.last_error: str | None = None
 
-    def _read(self, customer_ids: list[str], merchants: list[str]) -> tuple[list[dict], list[dict]]:
+    def _read(self, customer_ids: list[str], merchants: list[str]) -> tuple[list[dict], list[dict]] | None:
         from fraud_detection.feature_store import read_online_rows
-        return read_online_rows(self.store, customer_ids, merchants)
-
-    def _skip(self) -> bool:
-        return self.store is None or time.monotonic() < self._down_until
-
-    def _failed(self, e: Exception, timeout_s: float) -> None:
-        self.failures += 1
-        self._down_until = time.monotonic() + self.retry_s
-        self.last_error = f"{type(e).__name__}: {e}"[:300] if str(e) else f"{type(e).__name__} after {timeout_s:g} s"
-        log.warning("online store unavailable, answering degraded for %.1f s: %s", self.retry_s, self.last_error)
-
-    def _wait(self, customer_ids: list[str], merchants: list[str], timeout_s: float):
-        fut = self._pool.submit(self._read, customer_ids, merchants)
+        t0 = time.perf_counter()
         try:
-            out = fut.result(timeout=timeout_s)
-        except Exception as e:  # noqa: BLE001 - any store failure, including the deadline, means degraded
-            fut.cancel()
-            return self._failed(e, timeout_s)
+            out = read_online_rows(self.store, customer_ids, merchants)
+        except Exception as e:  # noqa: BLE001 - any store failure, including its client's timeout, means degraded
+            self.failures += 1
+            self._down_until = time.monotonic() + self.retry_s
+            self.last_error = f"{type(e).__name__}: {e}"[:300] if str(e) else \
+                f"{type(e).__name__} after {time.perf_counter() - t0:.3f} s"
+            log.warning("online store unavailable, answering degraded for %.1f s: %s", self.retry_s, self.last_error)
+            return None
         self._down_until, self.last_error = 0.0, None
         return out
 
     def read(self, customer_ids: list[str],  # customers of the transactions
              merchants: list[str],  # their merchants
-             timeout_s: float | None = None,  # deadline (default: self.timeout_s)
             ) -> tuple[list[dict], list[dict]] | None:
-        "(state rows, merchant-risk rows) of these ids as dicts; None when the store is unavailable, failed or late."
-        return None if self._skip() else self._wait(customer_ids, merchants, timeout_s or self.timeout_s)
-
-    async def aread(self, customer_ids: list[str],  # customers of the transactions
-                    merchants: list[str],  # their merchants
-                   ) -> tuple[list[dict], list[dict]] | None:
-        "`read` for an event loop: waits without blocking it."
-        if self._skip():
+        "(state rows, merchant-risk rows) of these ids as dicts; None when the store is unavailable or failed."
+        if self.store is None or time.monotonic() < self._down_until:
             return None
-        fut = asyncio.get_running_loop().run_in_executor(self._pool, self._read, customer_ids, merchants)
-        try:
-            out = await asyncio.wait_for(fut, self.timeout_s)
-        except Exception as e:  # noqa: BLE001 - as in `read`
-            return self._failed(e, self.timeout_s)
-        self._down_until, self.last_error = 0.0, None
-        return out
+        return self._read(customer_ids, merchants)
 
-    def ping(self, timeout_s: float | None = None) -> bool:
-        "True when the store answers a read within the deadline (ignores the back-off)."
-        return self.store is not None and self._wait(["__readyz__"], ["__readyz__"], timeout_s or self.timeout_s) is not None
-
-    def close(self) -> None:
-        "Stop the reader threads (late reads are abandoned)."
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def ping(self) -> bool:
+        "True when the store answers a read (ignores the back-off)."
+        return self.store is not None and self._read(["__readyz__"], ["__readyz__"]) is not None
 
 # %% ../nbs/50_api.ipynb #77b9eaeb
 class Champion:
@@ -233,15 +204,6 @@ class Predictor:
         got = self.online.read([t.customer_id for t in txs], [t.merchant for t in txs])
         return self._score(scorer, txs, got, explain, top_k)
 
-    async def apredict(self, txs: list[Transaction],  # validated transactions (trans_num unique)
-                       explain: bool = True,  # compute SHAP reasons
-                       top_k: int = 3,  # reasons per transaction
-                      ) -> list[dict]:
-        "`predict` on an event loop: the store read does not block it, features and model run on it."
-        scorer = self._scorer()
-        got = await self.online.aread([t.customer_id for t in txs], [t.merchant for t in txs])
-        return self._score(scorer, txs, got, explain, top_k)
-
 # %% ../nbs/50_api.ipynb #b71fbd85
 class Metrics:
     "The API's Prometheus metrics, in their own registry."
@@ -315,7 +277,6 @@ class ApiConfig:
     store_retry_s: float = _default("store_retry_s")  # after a failed read, skip the store this long
     reload_interval_s: float = _default("reload_interval_s")  # how often the champion alias file is checked
     top_k: int = _default("top_k")  # reasons per prediction unless the request asks otherwise
-    ready_timeout_s: float = _default("ready_timeout_s")  # /readyz: deadline of its probe read
 
     @classmethod
     def from_settings(cls, s: Settings) -> ApiConfig:
@@ -326,11 +287,11 @@ def _example() -> Transaction:
     "The schema's documented example transaction (warm-up)."
     return Transaction.model_validate(Transaction.model_config["json_schema_extra"]["examples"][0])
 
-def _open_store(settings: Settings) -> FeatureStore | None:
-    "The Feast store of `settings`, or None (logged) if it cannot be opened: the API then answers degraded."
+def _open_store(settings: Settings, timeout_s: float) -> FeatureStore | None:
+    "The Feast store of `settings` with reads bounded by `timeout_s`, or None (logged) if it cannot be opened."
     from fraud_detection.feature_store import get_store
     try:
-        return get_store(settings)
+        return get_store(settings, timeout=timeout_s)
     except Exception as e:  # noqa: BLE001
         log.error("online store not available, all answers will be degraded: %s: %s", type(e).__name__, e)
         return None
@@ -338,7 +299,7 @@ def _open_store(settings: Settings) -> FeatureStore | None:
 def _warm_up(predictor: Predictor) -> None:
     "Pay the first-call costs (Feast registry load, polars, XGBoost) before the first request does."
     ex = _example()
-    if predictor.online.read([ex.customer_id], [ex.merchant], timeout_s=10.0) is None and predictor.online.store:
+    if predictor.online.read([ex.customer_id], [ex.merchant]) is None and predictor.online.store:
         log.error("online store not reachable at startup: %s", predictor.online.last_error)
     if predictor.champion.scorer is not None:
         predictor.predict([ex])
@@ -394,8 +355,9 @@ def create_app(settings: Settings | None = None,  # default: get_settings()
         champion = Champion(scorer=scorer) if scorer is not None else \
             Champion(lambda: load("champion", reg), watch=reg / "aliases.json")
         await run_in_threadpool(champion.refresh)
-        online = OnlineFeatures(store if store is not None else await run_in_threadpool(_open_store, settings),
-                                config.store_timeout_s, config.store_retry_s)
+        online = OnlineFeatures(store if store is not None else
+                                await run_in_threadpool(_open_store, settings, config.store_timeout_s),
+                                config.store_retry_s)
         app.state.predictor = predictor = Predictor(champion, online)
         await run_in_threadpool(_warm_up, predictor)
         watcher = asyncio.create_task(_watch(champion, config.reload_interval_s)) if champion.watch else None
@@ -406,7 +368,6 @@ def create_app(settings: Settings | None = None,  # default: get_settings()
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
-            online.close()
 
     app = FastAPI(title="fraud-detection-service", version="1", lifespan=lifespan, max_body_size=config.max_body_bytes,
                   description="Online card-fraud scoring: online features from Feast + the champion XGBoost model "
@@ -432,7 +393,7 @@ def create_app(settings: Settings | None = None,  # default: get_settings()
                       top_k: TopK = config.top_k) -> dict:
         "Score one transaction."
         try:
-            p = counted(await predictor.apredict([tx], explain, top_k), "/v1/predict")[0]
+            p = counted(predictor.predict([tx], explain, top_k), "/v1/predict")[0]
         except ModelUnavailable as e:
             raise HTTPException(503, str(e)) from None
         request.state.decision = p["decision"]
@@ -476,7 +437,7 @@ def create_app(settings: Settings | None = None,  # default: get_settings()
     def readyz(predictor: PredictorDep) -> JSONResponse:
         "Ready when a model is loaded and the online store answers."
         s = predictor.champion.scorer
-        store_ok = predictor.online.ping(config.ready_timeout_s)
+        store_ok = predictor.online.ping()
         body = {"ready": s is not None and store_ok, "model_version": s.version if s else None,
                 "model_error": predictor.champion.error, "online_store": "ok" if store_ok else
                 (predictor.online.last_error or "not configured")}

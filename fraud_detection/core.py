@@ -57,11 +57,10 @@ class Settings(BaseSettings):
     api_workers: int = Field(1, ge=1)  # uvicorn worker processes of `fraud serve`
     api_max_batch: int = Field(1000, ge=1)  # most transactions in one /v1/predict/batch request
     api_max_body_bytes: int = Field(1 << 20, ge=1024)  # larger request bodies get 413
-    api_store_timeout_s: float = Field(0.05, gt=0)  # deadline of one online-store read; past it: degraded answer
+    api_store_timeout_s: float = Field(0.05, gt=0)  # online-store client timeout (Redis socket, SQLite busy): then degraded
     api_store_retry_s: float = Field(1.0, ge=0)  # after a failed read, answer degraded this long before retrying
     api_reload_interval_s: float = Field(1.0, gt=0)  # how often the champion alias is checked (hot reload)
     api_top_k: int = Field(3, ge=1, le=20)  # SHAP reasons per prediction unless the request asks otherwise
-    api_ready_timeout_s: float = Field(0.5, gt=0)  # /readyz: deadline of its probe read
     app_port: int = 8501
     # scheduler (`fraud schedule`, started by `fraud up`): intervals in minutes, 0 = never
     features_every_min: float = Field(60, ge=0)  # batch features + materialize

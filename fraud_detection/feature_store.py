@@ -118,14 +118,20 @@ def store_config(settings: Settings | None = None, # default: get_settings()
     return cfg
 
 def get_store(settings: Settings | None = None, # default: get_settings(); picks SQLite or Redis
-              timeout: float | None = None, # Redis socket timeouts in seconds (default: the YAML's 50 ms)
+              timeout: float | None = None, # read deadline in s: Redis socket timeouts (default: the YAML's 50 ms),
+                                            # SQLite busy timeout (default: Python's 5 s)
              ) -> FeatureStore:
     "The project's Feast `FeatureStore` for these settings (definitions from `settings.feature_repo`, data under `settings.data`)."
     from feast import FeatureStore
     s = settings or get_settings()
     cfg = store_config(s, timeout)
     cfg.repo_path.mkdir(parents=True, exist_ok=True)
-    return FeatureStore(repo_path=str(s.feature_repo), config=cfg)
+    store = FeatureStore(repo_path=str(s.feature_repo), config=cfg)
+    if timeout is not None and cfg.online_store.type == "sqlite":
+        # Feast keeps one SQLite connection per store, opened with a 5 s busy timeout: bound lock waits instead
+        conn = store._get_provider().online_store._get_conn(cfg)
+        conn.execute(f"PRAGMA busy_timeout = {max(1, round(timeout * 1000))}")
+    return store
 
 def data_dir(store: FeatureStore) -> Path:
     "The data dir a store made by `get_store` keeps its files in."
