@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import secrets
 import threading
@@ -360,6 +361,8 @@ def create_app(settings: Settings | None = None,  # default: get_settings()
                                 config.store_retry_s)
         app.state.predictor = predictor = Predictor(champion, online)
         await run_in_threadpool(_warm_up, predictor)
+        gc.collect()
+        gc.freeze()  # the model, store and libraries loaded so far are never garbage: keep them out of GC passes
         watcher = asyncio.create_task(_watch(champion, config.reload_interval_s)) if champion.watch else None
         try:
             yield
