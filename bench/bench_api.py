@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import re
 import shutil
@@ -209,6 +210,8 @@ def main() -> None:
         "  of which request_row": features_of,
         "  of which Scorer.score_row (+SHAP)": lambda tx: scorer.score_row(feats_of[tx.trans_num], True, ApiConfig.top_k),
         "  of which Scorer.score_row (no SHAP)": lambda tx: scorer.score_row(feats_of[tx.trans_num], False)}
+    gc.collect()
+    gc.freeze()  # as the server does after its warm-up (api.create_app's lifespan)
     runs: dict[str, list] = {"floor": [], "inproc": [], **{k: [] for k in parts}}
     for _ in range(a.runs):
         runs["floor"].append(timed(floor, rows, a.calls))
