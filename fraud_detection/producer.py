@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +110,11 @@ def replay(
     bar = _progress(progress)
     task = bar.add_task("replay", total=n, rate="") if bar else None
     interrupted, sent, last_ui, t0 = False, 0, 0.0, time.perf_counter()
+    stop = threading.Event()
+    # Ctrl-C sets a flag checked between messages: a KeyboardInterrupt raised inside librdkafka's C calls
+    # (e.g. while `produce` converts the headers) would surface as an unrelated error instead
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set()) \
+        if threading.current_thread() is threading.main_thread() else None
     if bar:
         bar.start()
     try:
@@ -117,9 +124,11 @@ def replay(
                     producer.flush(flush_timeout)
                     t0 = time.perf_counter()
                 if sent > 0 and due is not None:
-                    while (wait := t0 + due[sent] - time.perf_counter()) > 0:
+                    while (wait := t0 + due[sent] - time.perf_counter()) > 0 and not stop.is_set():
                         producer.poll(0)
                         time.sleep(min(wait, 0.05))
+                if stop.is_set():
+                    raise KeyboardInterrupt
                 while True:
                     try:
                         producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
@@ -135,6 +144,8 @@ def replay(
         interrupted = True
         log.warning("replay interrupted after %d sends: flushing what was sent", sent)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         left = producer.flush(flush_timeout)
         seconds = time.perf_counter() - t0
         if bar:
