@@ -390,7 +390,7 @@ def request_features(tx: Row | pl.DataFrame,  # one clean transaction (dict or o
     "One row: the transaction's columns + `FEATURES`, as `batch_features` gives them after the state's history."
     df = _tx_frame(tx if isinstance(tx, pl.DataFrame) else _clean_row(tx))
     row = df.row(0, named=True)
-    st = None if state is None else _state_of(state, df).filter(pl.col(_C) == row[_C])
+    st = None if state is None else state.filter(pl.col(_C) == row[_C])
     risk = None if merchant_risk is None else \
         merchant_risk.filter(pl.col("merchant") == row["merchant"]).select(list(RISK_SCHEMA)).to_dicts()
     feats = request_row(row, st.row(0, named=True) if st is not None and st.height else None, risk)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Iterable
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import polars as pl
@@ -95,7 +95,7 @@ class Fx:
         if isinstance(o, Fx):
             return self._zip(o, operator.truediv, _div)
         inv = _div(1.0, o)  # polars divides by a constant as a product with its reciprocal (the bits differ)
-        return self._zip(o, operator.truediv, lambda x, _: x * inv)
+        return self._map(lambda e: e / o, lambda x: x * inv)
 
     def __rtruediv__(self, o): return self._zip(o, operator.truediv, _div, True)
     # comparisons (null if either side is null)

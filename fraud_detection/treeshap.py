@@ -68,9 +68,7 @@ class TreeShap:
             if model["learner_model_param"]["base_score"].startswith("[") else float(model["learner_model_param"]["base_score"])
         self.base_margin = np.float32(np.log(base / (1 - base))) if model["objective"]["name"] == "binary:logistic" \
             else np.float32(base)
-        leaves = [leaf for t in trees for leaf in _paths(t)]
-        self._tree_of = np.concatenate([np.full(len(_paths(t)), i) for i, t in enumerate(trees)])
-        self._build(leaves)
+        self._build([leaf for t in trees for leaf in _paths(t)])
 
     def _build(self, leaves: list) -> None:
         n, depth = len(leaves), max(len(p) for _, p in leaves)
