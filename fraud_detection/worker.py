@@ -113,7 +113,8 @@ class StateCache:
         if missing := [c for c in ids if c not in self.known]:
             self.state = merge_state(self.state, self.read(missing))
             self.known.update(missing)
-        return self.state.join(pl.DataFrame({"customer_id": ids}), on="customer_id", how="semi")
+        return self.state.join(pl.DataFrame({"customer_id": ids}, schema={"customer_id": pl.String}), on="customer_id",
+                               how="semi")  # typed: an empty id list (a batch of rejects only) is still a String key
 
     def update(self, new_state: pl.DataFrame) -> None:
         "Replace the rows of the customers in `new_state`."
