@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # XGBoost's idle OpenMP threads must not spin on 2 shared cores (notebooks, tests, services inherit this)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install up test test-fast test-slow bench lab export clean-nbs lint check-sync lock system-deps
+.PHONY: install up test test-fast test-slow bench lab export clean-nbs lint check-sync lock system-deps docs readme
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,16 @@ check-sync: install
 
 lint: install
 	$(BIN)/ruff check fraud_detection tests bench feature_repo
+
+## The documentation site in _site/ (outside git): notebooks without saved outputs executed as nbdev_test runs them,
+## nbdev's processors (show_doc, hidden cells, directives), rendered by Sphinx + myst-nb. Open _site/index.html.
+## (With Quarto installed, `nbdev_docs` builds the standard nbdev site from nbs/_quarto.yml into _docs/ instead.)
+docs: install
+	$(BIN)/python docs/build.py site
+
+## README.md from nbs/index.ipynb (nbdev_readme without Quarto).
+readme: install
+	$(BIN)/python docs/build.py readme
 
 ## Chromium for the browser test (Debian packages; nothing downloaded by a test tool).
 system-deps:
