@@ -56,7 +56,7 @@ check-sync: install
 	  (echo "nbs/ and fraud_detection/ are out of sync or notebooks are not clean: run 'make export clean-nbs' and commit" && exit 1)
 
 lint: install
-	$(BIN)/ruff check fraud_detection tests bench feature_repo
+	$(BIN)/ruff check fraud_detection tests bench feature_repo docs
 
 ## The documentation site in _site/ (outside git): notebooks without saved outputs executed as nbdev_test runs them,
 ## nbdev's processors (show_doc, hidden cells, directives), rendered by Sphinx + myst-nb. Open _site/index.html.

@@ -71,8 +71,8 @@ def has_outputs(nb: dict) -> bool:
 def execute_one(src: Path, dst: Path) -> str | None:
     "Run `src` like nbdev_test (flags skipped) and save it with outputs at `dst`; the first error, or None."
     from execnb.nbio import read_nb, write_nb
-    from fastcore.basics import AttrDict
     from execnb.shell import CaptureShell
+    from fastcore.basics import AttrDict
     from nbdev.process import extract_directives
 
     def skip(cell) -> bool:
