@@ -246,7 +246,7 @@ def site(only: list[str] | None, jobs: int, out: Path, keep_going: bool, work: P
 
 def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "_execute":  # worker: one notebook in a fresh process
-        err = execute_one(Path(sys.argv[2]), Path(sys.argv[3]))
+        err = execute_one(Path(sys.argv[2]).resolve(), Path(sys.argv[3]).resolve())
         print(f"ERROR {err}" if err else "")
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
