@@ -12,29 +12,36 @@ import polars as pl
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
+import fraud_detection.app_charts as app_charts
+import fraud_detection.app_labels as app_labels
+import fraud_detection.app_prometheus as app_prometheus
+import fraud_detection.app_queries as app_queries
+import fraud_detection.core as core
+import fraud_detection.results as results
+
+# Short aliases still used by the performance and drift pages (reworked in parallel): drop them with those pages.
 import fraud_detection.app as A
 import fraud_detection.core as C
 import fraud_detection.drift as D
-import fraud_detection.results as R
 
 # %% auto #0
-__all__ = ['TTL', 'LIVE_EVERY', 'DECISION_TEXT', 'query', 'empty_state', 'alerts_page', 'case_page', 'performance_page',
-           'drift_page', 'system_page', 'pages', 'main']
+__all__ = ['TTL', 'LIVE_EVERY', 'empty_state', 'DECISION_TEXT', 'query', 'no_data_banner', 'alerts_page', 'case_page',
+           'performance_page', 'drift_page', 'system_page', 'pages', 'main']
 
 # %% ../nbs/62_streamlit_app.ipynb #c3105e99
 TTL = 5  # seconds a cached read stays fresh
 LIVE_EVERY = 10  # seconds between auto-refreshes of the alerts queue
-_MODULES = {"results": R, "app": A}
+_MODULES = {"results": results, "app_queries": app_queries, "app": A}  # "app": the performance page
 
 @st.cache_resource(show_spinner=False)
 def _engine(url: str):
     "The results store's engine, tables created if missing."
-    eng = R.get_engine(url)
-    R.create_tables(eng)
+    eng = results.get_engine(url)
+    results.create_tables(eng)
     return eng
 
 @st.cache_data(ttl=TTL, show_spinner=False)
-def query(fn: str, # "results.<name>" or "app.<name>", a function taking the engine first
+def query(fn: str, # "results.<name>" or "app_queries.<name>", a function taking the engine first
           url: str, # database URL
           **kwargs):
     "Cached call of a library read function on the store at `url`."
@@ -42,20 +49,23 @@ def query(fn: str, # "results.<name>" or "app.<name>", a function taking the eng
     return getattr(_MODULES[mod], name)(_engine(url), **kwargs)
 
 def _url() -> str:
-    return C.get_settings().database_url
+    return core.get_settings().database_url
 
 @st.cache_data(ttl=TTL, show_spinner=False)
 def _api_latency() -> dict:
     "The API's request latency (bounded wait), cached like the other reads."
-    return A.api_latency(timeout=1.0)
+    return app_prometheus.api_latency(timeout=1.0)
 
 # %% ../nbs/62_streamlit_app.ipynb #855ecea4
-def empty_state(what: str = "alerts") -> None:
-    "What to do when nothing has been scored yet."
+def no_data_banner(what: str = "alerts", # what the page would show, e.g. "drift figures"
+                  ) -> None:
+    "Banner saying nothing has been scored yet, and how to get data in."
     st.info(f"**No scored transactions yet**, so there are no {what} to show.\n\n"
             "Start the whole system with `fraud up` (broker, stream worker, API, this app and a producer replaying "
             "the held-out period), or run the stream worker against your own broker. Scored transactions appear "
             "here within seconds; this page refreshes on its own.", icon=":material/hourglass_empty:")
+
+empty_state = no_data_banner  # the old name, still called by the performance and drift pages: drop with them
 
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f} %"
@@ -80,19 +90,19 @@ def alerts_page() -> None:
     st.caption("Transactions the model sent to review or declined, newest first (event time).")
     clock = query("results.event_clock", url)
     if clock is None:
-        empty_state("alerts")
+        no_data_banner("alerts")
         return
     with st.container(border=True):
         c = st.columns([1.1, 2, 1.2, 1, 1, 1.8])
-        window = c[0].selectbox("Time", list(A.TIME_WINDOWS), index=2, key="al_window")
+        window = c[0].selectbox("Time", list(app_queries.TIME_WINDOWS), index=2, key="al_window")
         decisions = c[1].multiselect("Decision", ["review", "decline", "approve"], default=["review", "decline"], key="al_dec")
         min_score = c[2].slider("Min score", 0.0, 1.0, 0.0, 0.05, key="al_score")
         min_amt = c[3].number_input("Min amount $", min_value=0.0, value=0.0, step=50.0, key="al_min")
         max_amt = c[4].number_input("Max amount $", min_value=0.0, value=0.0, step=50.0, key="al_max",
                                     help="0 = no upper limit")
-        cats = c[5].multiselect("Category", C.CATEGORIES, key="al_cat")
+        cats = c[5].multiselect("Category", core.CATEGORIES, key="al_cat")
         live = st.toggle(f"Live (refresh every {LIVE_EVERY} s)", value=True, key="al_live")
-    filters = {"since": A.window_start(clock, window), "decisions": tuple(decisions), "min_score": min_score or None,
+    filters = {"since": app_queries.window_start(clock, window), "decisions": tuple(decisions), "min_score": min_score or None,
                "min_amt": min_amt or None, "max_amt": max_amt or None, "categories": tuple(cats)}
 
     @st.fragment(run_every=LIVE_EVERY if live else None)
@@ -104,7 +114,7 @@ def alerts_page() -> None:
         m[2].metric("Declined", f"{summ['n_decline']:,}", border=True)
         m[3].metric("Amount at stake", f"${summ['amount']:,.0f}", border=True)
         m[4].metric("Unlabelled", f"{summ['n'] - summ['labelled']:,}", border=True)
-        df = A.alerts_table(query("results.read_alerts", url, limit=500, **filters))
+        df = app_labels.alerts_table(query("results.read_alerts", url, limit=500, **filters))
         if df.height == 0:
             st.info("No alerts match these filters.", icon=":material/filter_alt_off:")
             return
@@ -157,7 +167,7 @@ def _label_form(url: str, tx: dict) -> None:
         legit = b[1].form_submit_button("Legitimate", icon=":material/verified_user:", width="stretch")
     if fraud or legit:
         st.session_state["analyst"] = analyst
-        out = R.label_transaction(_engine(url), tx["trans_num"], 1 if fraud else 0, note=note, analyst=analyst or None)
+        out = results.label_transaction(_engine(url), tx["trans_num"], 1 if fraud else 0, note=note, analyst=analyst or None)
         query.clear()
         st.session_state["label_outcome"] = (tx["trans_num"], "fraud" if fraud else "legitimate", out.published, out.detail)
         st.rerun()
@@ -168,24 +178,15 @@ def _label_form(url: str, tx: dict) -> None:
                                                 ("" if done[2] else " — the label is safe in the database; "
                                                  "publish it later from the System page."))
 
-def case_page() -> None:
-    "Page 2: one transaction with features, score, SHAP reasons, customer history, location, and labelling."
-    url = _url()
-    st.title("Case view")
-    if query("results.event_clock", url) is None:
-        empty_state("cases")
-        return
-    tn = _pick_transaction(url)
-    tx = query("results.read_prediction", url, trans_num=tn) if tn else None
-    if tx is None:
-        st.warning(f"No scored transaction `{tn}`.", icon=":material/search_off:")
-        return
+# %% ../nbs/62_streamlit_app.ipynb #7facc1b0
+def _case_header(tx: dict) -> None:
+    "Score, amount, amount vs usual, challenger and decision of one transaction; its label if it has one."
     f = tx["features"]
     head = st.columns([1, 1, 1, 1, 1.6])
     head[0].metric("Fraud score", f"{tx['fraud_probability']:.3f}", border=True, help=f"model {tx['model_version']}")
     head[1].metric("Amount", f"${tx['amt']:,.2f}", border=True)
-    head[2].metric("Vs usual amount", A.format_value("amt_ratio", f.get("amt_ratio")) if "amt_ratio" in f else "–", border=True,
-                   help="amount divided by the customer's average before this transaction")
+    head[2].metric("Vs usual amount", app_labels.format_value("amt_ratio", f.get("amt_ratio")) if "amt_ratio" in f else "–",
+                   border=True, help="amount divided by the customer's average before this transaction")
     head[3].metric("Challenger", _num(tx["challenger_probability"], "{:.3f}"), border=True,
                    help=f"shadow model {tx['challenger_version']}" if tx["challenger_version"] else "no challenger")
     with head[4].container(border=True):
@@ -197,45 +198,69 @@ def case_page() -> None:
         txt = "fraud" if lab["label"] == 1 else "legitimate"
         st.info(f"Labelled **{txt}** by {lab['analyst'] or 'an analyst'} on {lab['labelled_at']:%Y-%m-%d %H:%M}"
                 + (f": “{lab['note']}”" if lab["note"] else ""), icon=":material/label:")
-    left, right = st.columns([3, 2], gap="large")
-    with left:
-        st.subheader("Why this score")
-        if tx["reasons"]:
-            st.altair_chart(A.reasons_chart(tx["reasons"]), width="stretch")
-            st.caption("Top SHAP contributions: red pushed the score towards fraud, blue towards legitimate.")
-        else:
-            st.caption("No explanation stored for this transaction.")
-    with right:
-        _label_form(url, tx)
+
+def _case_history(url: str, tx: dict) -> pl.DataFrame:
+    "The customer's earlier scored transactions as a table (no PII); returned for the location chart."
     hist = query("results.read_customer_history", url, customer_id=tx["customer_id"], before=tx["ts"], limit=50)
     st.subheader("Customer's earlier transactions")
-    if hist.height:
-        st.dataframe(hist.drop("merch_lat", "merch_long").with_columns(
-            pl.col("label").replace_strict(A.LABEL_STATUS, default="open", return_dtype=pl.String)),
-            hide_index=True, width="stretch", height=min(320, 35 * (hist.height + 1) + 3),
-            column_order=["ts", "merchant", "category", "amt", "fraud_probability", "decision", "label", "state", "trans_num"],
-            column_config={
-                "ts": st.column_config.DatetimeColumn("Time", format="YYYY-MM-DD HH:mm"),
-                "amt": st.column_config.NumberColumn("Amount", format="dollar"),
-                "fraud_probability": st.column_config.ProgressColumn("Score", min_value=0.0, max_value=1.0, format="%.2f"),
-                "trans_num": "Transaction", "merchant": "Merchant", "category": "Category", "state": "State",
-                "decision": "Decision", "label": "Label"})
-    else:
+    if not hist.height:
         st.caption("No earlier transactions of this customer were scored.")
+        return hist
+    st.dataframe(hist.drop("merch_lat", "merch_long").with_columns(
+        pl.col("label").replace_strict(app_labels.LABEL_STATUS, default="open", return_dtype=pl.String)),
+        hide_index=True, width="stretch", height=min(320, 35 * (hist.height + 1) + 3),
+        column_order=["ts", "merchant", "category", "amt", "fraud_probability", "decision", "label", "state", "trans_num"],
+        column_config={
+            "ts": st.column_config.DatetimeColumn("Time", format="YYYY-MM-DD HH:mm"),
+            "amt": st.column_config.NumberColumn("Amount", format="dollar"),
+            "fraud_probability": st.column_config.ProgressColumn("Score", min_value=0.0, max_value=1.0, format="%.2f"),
+            "trans_num": "Transaction", "merchant": "Merchant", "category": "Category", "state": "State",
+            "decision": "Decision", "label": "Label"})
+    return hist
+
+# %% ../nbs/62_streamlit_app.ipynb #fa03a391
+def _case_context(tx: dict, hist: pl.DataFrame) -> None:
+    "Where and when (distances, time since the previous transaction, locations) beside the full model input."
+    f = tx["features"]
     left, right = st.columns(2, gap="large")
     with left:
         st.subheader("Where and when")
         g = st.columns(3)
         for col, (k, name) in zip(g, [("dist_home_km", "From home"), ("dist_prev_km", "From previous"),
                                       ("secs_since_prev", "Since previous")], strict=True):
-            col.metric(name, A.format_value(k, f[k]) if k in f else "–")
-        st.altair_chart(A.location_chart(tx, hist, height=260), width="stretch")
+            col.metric(name, app_labels.format_value(k, f[k]) if k in f else "–")
+        st.altair_chart(app_charts.location_chart(tx, hist, height=260), width="stretch")
         st.caption("Merchant locations; the customer's home is shown only as a rounded area (~10 km).")
     with right:
         st.subheader("Model input")
-        feats = A.features_table(tx["features"])
+        feats = app_labels.features_table(tx["features"])
         st.dataframe(feats.drop("feature"), hide_index=True, width="stretch", height=min(460, 35 * (feats.height + 1) + 3),
                      column_config={"name": "Feature", "value": "Value"})
+
+def case_page() -> None:
+    "Page 2: one transaction with features, score, SHAP reasons, customer history, location, and labelling."
+    url = _url()
+    st.title("Case view")
+    if query("results.event_clock", url) is None:
+        no_data_banner("cases")
+        return
+    tn = _pick_transaction(url)
+    tx = query("results.read_prediction", url, trans_num=tn) if tn else None
+    if tx is None:
+        st.warning(f"No scored transaction `{tn}`.", icon=":material/search_off:")
+        return
+    _case_header(tx)
+    left, right = st.columns([3, 2], gap="large")
+    with left:
+        st.subheader("Why this score")
+        if tx["reasons"]:
+            st.altair_chart(app_charts.reasons_chart(tx["reasons"]), width="stretch")
+            st.caption("Top SHAP contributions: red pushed the score towards fraud, blue towards legitimate.")
+        else:
+            st.caption("No explanation stored for this transaction.")
+    with right:
+        _label_form(url, tx)
+    _case_context(tx, _case_history(url, tx))
 
 # %% ../nbs/62_streamlit_app.ipynb #c7316c87
 def performance_page() -> None:
@@ -395,10 +420,10 @@ def system_page() -> None:
     url = _url()
     st.title("System")
     stats = query("results.read_worker_stats", url, since=datetime.now(UTC).replace(tzinfo=None) - timedelta(hours=24))
-    ws = A.worker_summary(stats)
-    fresh = query("app.scoring_latency", url)
+    ws = app_queries.worker_summary(stats)
+    fresh = query("app_queries.scoring_latency", url)
     if ws["workers"] == 0 and not fresh["n"]:
-        empty_state("stream statistics")
+        no_data_banner("stream statistics")
     st.subheader("Stream")
     m = st.columns(5)
     m[0].metric("Throughput", _num(ws["throughput"], "{:,.0f} msg/s"), border=True, help="sum over workers' latest reports")
@@ -431,7 +456,7 @@ def system_page() -> None:
     st.caption(f"{pending:,} analyst label(s) waiting to be published to the labels topic." if pending
                else "Every analyst label has been published to the labels topic.")
     if pending and st.button("Publish pending labels", icon=":material/send:", key="sys_publish"):
-        out = R.publish_pending_labels(_engine(url))
+        out = results.publish_pending_labels(_engine(url))
         query.clear()
         (st.success if out and out.published else st.warning)(out.detail if out else "nothing to publish")
 
@@ -447,7 +472,7 @@ def pages() -> dict[str, st.Page]:
 def _sidebar() -> None:
     url = _url()
     with st.sidebar:
-        backend = R.get_engine(url).dialect.name
+        backend = results.get_engine(url).dialect.name
         clock = query("results.event_clock", url)
         st.caption(f"Store: **{backend}**  \n" + (f"Latest transaction: {clock:%Y-%m-%d %H:%M}" if clock else "Nothing scored yet"))
         if st.button("Refresh data", icon=":material/refresh:", key="sb_refresh"):
