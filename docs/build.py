@@ -64,8 +64,10 @@ def readme(check: bool = False) -> bool:
 
 
 # -- 1. execute -------------------------------------------------------------------------------------------------
-def has_outputs(nb: dict) -> bool:
-    return any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+def needs_run(nb: dict) -> bool:
+    "A notebook with code and no saved output at all (one with outputs is shown as saved)."
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    return bool(code) and not any(c.get("outputs") for c in code)
 
 
 def execute_one(src: Path, dst: Path) -> str | None:
@@ -102,7 +104,7 @@ def execute(nbs: list[Path], jobs: int) -> list[str]:
         if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
             return
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if has_outputs(json.loads(src.read_text())):
+        if not needs_run(json.loads(src.read_text())):
             shutil.copy2(src, dst)
             return
         t = time.time()
@@ -227,13 +229,13 @@ def site(only: list[str] | None, jobs: int, out: Path, keep_going: bool, work: P
     print(f"1/4 executing notebooks without saved outputs ({len(nbs)} pages; cache {EXEC})", flush=True)
     failures = execute(nbs, jobs)
     nbs = [p for p in nbs if (EXEC / p.relative_to(NBS)).exists()]
-    print(f"2/4 nbdev processors → {PROC}", flush=True)
+    print(f"2/4 nbdev processors → {PROC} (at {time.time() - t0:.0f} s)", flush=True)
     process(nbs, jobs)
-    print("3/4 adapting for myst-nb", flush=True)
+    print(f"3/4 adapting for myst-nb (at {time.time() - t0:.0f} s)", flush=True)
     for p in nbs:
         adapt(PROC / p.relative_to(NBS))
     add_toctree(nbs)
-    print(f"4/4 Sphinx + myst-nb → {out}", flush=True)
+    print(f"4/4 Sphinx + myst-nb → {out} (at {time.time() - t0:.0f} s)", flush=True)
     render(jobs, out, work)
     remote = remote_assets(out)
     for r in remote:
