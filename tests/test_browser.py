@@ -18,6 +18,7 @@ import httpx
 import polars as pl
 import pytest
 from app_data import make_scored_home
+from chromium import chromium_page
 
 from fraud_detection import results as R
 from fraud_detection.app import app_command
@@ -26,8 +27,6 @@ from fraud_detection.broker import free_port
 pytestmark = pytest.mark.browser
 
 SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +72,9 @@ def app_server(tmp_path_factory) -> Iterator[dict]:
 @pytest.fixture(scope="module")
 def page(app_server, chromium_path: str):
     "A Chromium page (1440×1000)."
-    from playwright.sync_api import sync_playwright
     SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path, headless=True, args=CHROMIUM_ARGS)
-        try:
-            pg = browser.new_page(viewport={"width": 1440, "height": 1000})
-            pg.set_default_timeout(60_000)
-            yield pg
-        finally:
-            browser.close()
+    with chromium_page(chromium_path, 1440, 1000) as pg:
+        yield pg
 
 
 def settle(pg) -> None:

@@ -17,13 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from chromium import chromium_page
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "artifacts" / "screenshots"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 # module pages: notebook, an exported function whose show_doc must appear, a plot the page must show
 MODULE_PAGES = {"01_simulate": "resolve_scale", "60b_app_charts": "reasons_chart", "60c_app_queries": "decision_volume"}
 TUTORIAL = "tutorials/01_explore_data"
@@ -60,26 +59,19 @@ def base(site: Path) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def browser_page(base: str, chromium_path: str):
     "A Chromium page that may only talk to the loopback server; `page.remote` lists what it tried elsewhere."
-    from playwright.sync_api import sync_playwright
     SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path, headless=True, args=CHROMIUM_ARGS)
-        try:
-            pg = browser.new_page(viewport={"width": 1280, "height": 900})
-            pg.set_default_timeout(30_000)
-            remote: list[str] = []
+    with chromium_page(chromium_path, 1280, 900, timeout_ms=30_000) as pg:
+        remote: list[str] = []
 
-            def gate(route):
-                if route.request.url.startswith(base):
-                    route.continue_()
-                else:
-                    remote.append(route.request.url)
-                    route.abort()
-            pg.route("**/*", gate)
-            pg.remote = remote
-            yield pg
-        finally:
-            browser.close()
+        def gate(route):
+            if route.request.url.startswith(base):
+                route.continue_()
+            else:
+                remote.append(route.request.url)
+                route.abort()
+        pg.route("**/*", gate)
+        pg.remote = remote
+        yield pg
 
 
 def loaded_images(pg) -> int:
