@@ -8,7 +8,7 @@ PyPI `quarto-cli` downloads it at install time). This script does the same steps
    git: a notebook is run again only when it changed). Notebooks with saved outputs are shown as saved.
 2. **process** them with nbdev's own processors (`nbdev.processors.FilterDefaults`, the processors
    `nbdev_proc_nbs` runs: hidden cells dropped, `show_doc` added for every export, directives stripped) into `_proc/`
-   (one tolerance, see docs/nbdev_procs.py).
+   (tolerant of a failing cell: the page is built, the failure shown and reported; see docs/nbdev_procs.py).
 3. **adapt** for Sphinx: front matter → title, Quarto `echo`/`output`/`include` options → myst-nb tags, Altair
    charts → PNG (vl-convert, offline), a toctree on the front page.
 4. **render** `_proc/` with Sphinx + myst-nb (theme furo; via `_build/`) into `_site/`: plain static HTML, no CDN
@@ -155,9 +155,10 @@ def _chart_png(spec: dict) -> str:
     return base64.b64encode(vlc.vegalite_to_png(spec, scale=1.5)).decode()
 
 
-def adapt(path: Path) -> None:
-    "Front matter → title, Quarto cell options → myst-nb tags, Vega-Lite outputs → PNG."
+def adapt(path: Path) -> list[str]:
+    "Front matter → title, Quarto cell options → myst-nb tags, Vega-Lite outputs → PNG; the cells nbdev could not run."
     nb = json.loads(path.read_text())
+    errors = nb["metadata"].pop("site_errors", [])
     for cell in nb["cells"]:
         for k in set(cell) - {"cell_type", "id", "metadata", "source", "outputs", "execution_count", "attachments"}:
             cell.pop(k)  # nbdev's bookkeeping (`has_sd`, ...) is not valid nbformat
@@ -184,6 +185,7 @@ def adapt(path: Path) -> None:
                 md = "".join(md)
                 data["text/markdown"] = md[3:].lstrip("\n") if md.startswith("---") else md
     path.write_text(json.dumps(nb, indent=1))
+    return errors
 
 
 def add_toctree(nbs: list[Path]) -> None:
@@ -233,7 +235,7 @@ def site(only: list[str] | None, jobs: int, out: Path, keep_going: bool, work: P
     process(nbs, jobs)
     print(f"3/4 adapting for myst-nb (at {time.time() - t0:.0f} s)", flush=True)
     for p in nbs:
-        adapt(PROC / p.relative_to(NBS))
+        failures += [f"{p.relative_to(NBS)} (show_doc) {e}" for e in adapt(PROC / p.relative_to(NBS))]
     add_toctree(nbs)
     print(f"4/4 Sphinx + myst-nb → {out} (at {time.time() - t0:.0f} s)", flush=True)
     render(jobs, out, work)

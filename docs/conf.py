@@ -17,3 +17,5 @@ html_copy_source = False
 mathjax_path = "about:blank"
 suppress_warnings = ["myst.header", "misc.highlighting_failure", "mystnb.unknown_mime_type", "toc.not_included",
                      "myst.xref_missing", "config.cache"]
+html_static_path = ["_static"]
+html_css_files = ["site.css"]
