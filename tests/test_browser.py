@@ -103,6 +103,7 @@ def open_page(pg, base: str, path: str, key_text: str) -> None:
 def test_alerts_page(page, app_server):
     open_page(page, app_server["base"], "", "Amount at stake")  # the default page lives at /
     assert page.get_by_role("heading", name="Alerts queue").is_visible()
+    page.locator('[data-testid="stDataFrame"]').first.wait_for()  # the grid can draw after the metrics on a busy machine
     assert page.locator('[data-testid="stDataFrame"]').count() == 1
     assert page.get_by_text("Showing the newest").is_visible()
     body = page.inner_text("body")
