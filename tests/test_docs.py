@@ -121,3 +121,9 @@ def test_tutorial_page(base, browser_page):
     assert loaded_images(pg) >= 2, "tutorial plots missing"
     pg.screenshot(path=str(SHOTS / "docs_tutorial.png"), full_page=True)
     assert not pg.remote, pg.remote
+
+
+def test_readme_is_generated_from_index():
+    "README.md is what nbs/index.ipynb generates (`make readme`): edit the notebook, not the README."
+    r = subprocess.run([sys.executable, str(ROOT / "docs" / "build.py"), "readme", "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
