@@ -345,11 +345,11 @@ def _risk_key(e: str) -> pl.Expr:
 
 def _entity_risk(tx: pl.DataFrame, e: str, label_delay_days: int) -> pl.LazyFrame:
     "Per (key of entity `e`, day) and window w: count and smoothed fraud rate in [day - delay - w, day - delay)."
-    daily = tx.lazy().group_by(key=_risk_key(e), day=pl.col("ts").dt.date()).agg(
+    daily = tx.lazy().filter(pl.col(e).is_not_null()).group_by(key=_risk_key(e), day=pl.col("ts").dt.date()).agg(
         _n=pl.len().cast(pl.Int64), _f=pl.col("is_fraud").cast(pl.Int64).sum())
     lo, hi = tx.select(lo=pl.col("ts").min().dt.date(), hi=pl.col("ts").max().dt.date()).row(0)
     days = pl.LazyFrame({"day": pl.date_range(lo, hi + timedelta(days=1), eager=True)})
-    grid = tx.lazy().select(_risk_key(e).unique().alias("key")).join(days, how="cross") \
+    grid = tx.lazy().select(_risk_key(e).unique().drop_nulls().alias("key")).join(days, how="cross") \
         .join(daily, on=["key", "day"], how="left").sort("key", "day")
 
     def looked_back(c: str, d: int) -> pl.Expr:  # sum over the dates [day - delay - d, day - delay - 1]
