@@ -30,7 +30,7 @@ __all__ = ['WINDOWS', 'STATE_HORIZON', 'LIST_WINDOWS', 'RISK_WINDOWS', 'RISK_WIN
 WINDOWS: dict[str, timedelta] = {"10m": timedelta(minutes=10), "1h": timedelta(hours=1),
                                  "24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 STATE_HORIZON: timedelta = max(WINDOWS.values())  # the state keeps transactions this recent
-LIST_WINDOWS: tuple[str, ...] = ("10m", "1h", "24h")  # windows short enough for aggregates of the values themselves
+LIST_WINDOWS: tuple[str, ...] = ("10m", "1h")  # windows short enough for aggregates of the values themselves
 RISK_WINDOWS: dict[str, int] = {"1d": 1, "7d": 7, "30d": 30}  # label-risk windows in days, each ending a delay ago
 RISK_WINDOWS_DAYS: tuple[int, ...] = tuple(RISK_WINDOWS.values())
 PARTITIONS: dict[str, tuple[str, ...]] = {  # customer-keyed entities → the columns splitting a customer's history
