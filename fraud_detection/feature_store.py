@@ -246,6 +246,15 @@ def _state_rows(cols: dict[str, list]) -> list[dict]:
         out.append(row)
     return out
 
+def read_state(store: FeatureStore, # from get_store
+               customer_ids: list[str], # customers to read (duplicates are read once)
+              ) -> pl.DataFrame:
+    "Online state of these customers as STATE_SCHEMA rows; customers without state are absent."
+    ids = list(dict.fromkeys(customer_ids))
+    if not ids: return empty_state()
+    return _state_frame(_online(store, [f"{CUSTOMER_VIEW}:{c}" for c in _state_feats()], {"customer_id": ids}))
+
+# %% ../nbs/11_feature_store.ipynb #b2f0c001
 def _risk_rows(cols: dict[str, list]) -> list[dict]:
     "The entity keys found in an online response as RISK_SCHEMA dicts (`day` from the event time)."
     out = []
@@ -259,14 +268,6 @@ def _risk_rows(cols: dict[str, list]) -> list[dict]:
 def _risk_frame(cols: dict[str, list]) -> pl.DataFrame:
     "RISK_SCHEMA rows of the entity keys found in an online response."
     return pl.DataFrame(_risk_rows(cols), schema=RISK_SCHEMA, orient="row")
-
-def read_state(store: FeatureStore, # from get_store
-               customer_ids: list[str], # customers to read (duplicates are read once)
-              ) -> pl.DataFrame:
-    "Online state of these customers as STATE_SCHEMA rows; customers without state are absent."
-    ids = list(dict.fromkeys(customer_ids))
-    if not ids: return empty_state()
-    return _state_frame(_online(store, [f"{CUSTOMER_VIEW}:{c}" for c in _state_feats()], {"customer_id": ids}))
 
 # %% ../nbs/11_feature_store.ipynb #f24ed08d
 def write_offline_merchant_risk(table: pl.DataFrame, # merchant_risk_table(...) output (every risk entity)

@@ -263,7 +263,7 @@ def _stages(grouped: bool,  # rows of several customers (partition by customer) 
 
 _CUST = [w for e, w in _SUMS if e == "customer"]  # windows of the customer's own counts and sums
 
-
+# %% ../nbs/10_features.ipynb #a1f0c013
 def _with_partitions(rows: pl.DataFrame,  # history rows after the velocity stage, in order (customer, ts, trans_num)
                      ) -> pl.DataFrame:
     "Add the customer × category / merchant window counts, sums and previous times (`_SUMS`, `_SINCE`)."
