@@ -22,7 +22,7 @@ def _model_template() -> Path:
     if _MODEL_TEMPLATE is None:
         from fraud_detection import registry
         from fraud_detection.evaluate import write_report
-        from fraud_detection.features import FEATURES
+        from fraud_detection.model import SYNTHETIC_FEATURES as FEATURES  # the synthetic frame's columns
         from fraud_detection.model import synthetic_features, time_split, train_model
         root = Path(tempfile.mkdtemp(prefix="fraud-model-template-"))
         atexit.register(shutil.rmtree, root, ignore_errors=True)
