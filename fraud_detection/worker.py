@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -44,9 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'Explain', 'STEPS', 'ParsedBatch', 'parse_batch', 'load_merchant_risk', 'MerchantRisk', 'StateCache', 'triage',
-           'scored_trans_nums', 'prediction_rows', 'prediction_messages', 'Models', 'WorkerStats', 'StreamWorker',
-           'run_worker', 'main']
+__all__ = ['log', 'Explain', 'Computed', 'STEPS', 'ParsedBatch', 'parse_batch', 'load_merchant_risk', 'MerchantRisk',
+           'StateCache', 'triage', 'scored_trans_nums', 'prediction_rows', 'prediction_messages', 'RowError', 'isolate',
+           'Models', 'WorkerStats', 'StreamWorker', 'retry_until_done', 'run_worker', 'main']
 
 # %% ../nbs/42_worker.ipynb #6fbba047
 _META = {"_i": pl.Int64, "_partition": pl.Int32, "_offset": pl.Int64, "_kafka_ms": pl.Int64}
@@ -197,25 +198,97 @@ def prediction_messages(rows: pl.DataFrame,  # from `prediction_rows`
                       alert=pl.col("decision") != "approve")
     return out["key"].to_list(), out["value"].to_list(), out["alert"].to_list()
 
+# %% ../nbs/42_worker.ipynb #393a182a
+class RowError(Exception):
+    "Features or scoring raised; `code` names the step (`feature_error`, `model_error`)."
+    def __init__(self, code: str, error: BaseException):
+        super().__init__(f"{code}: {type(error).__name__}: {error}"[:500])
+        self.code, self.reason = code, str(self)
+
+Computed = tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame]  # (scored feature rows, results rows, new state)
+
+def _reason(e: Exception) -> str:
+    return e.reason if isinstance(e, RowError) else f"error: {type(e).__name__}: {e}"[:500]
+
+def _combine(parts: list[Computed], todo: pl.DataFrame) -> Computed:
+    "One result from the results of disjoint parts (nothing computed: empty frames)."
+    if not parts:
+        return todo.clear(), None, empty_state()
+    rows = [p[1] for p in parts if p[1] is not None]
+    return (pl.concat([p[0] for p in parts]), pl.concat(rows) if rows else None,
+            pl.concat([p[2] for p in parts]))
+
+def _one_by_one(compute, state, todo, bad) -> list[Computed]:
+    "One customer's transactions one at a time in event order, the state carried from each success."
+    st, out = state.join(todo.select("customer_id").unique(), on="customer_id", how="semi"), []
+    for row in todo.sort("ts", "trans_num").iter_slices(1):
+        try:
+            out.append(compute(st, row))
+        except Exception as e:  # noqa: BLE001 - this row is to blame, whatever it raised
+            bad.append((row["_i"][0], _reason(e)))
+            continue
+        st = out[-1][2] if out[-1][2].height else st
+    if not out:
+        return []
+    feats, rows, _ = _combine(out, todo)
+    return [(feats, rows, st)]
+
+def _bisect(compute, state, todo, bad) -> list[Computed]:
+    "Results of the parts of `todo` that compute: halves by customer, then one customer's rows one by one."
+    customers = todo["customer_id"].unique(maintain_order=True)
+    if customers.len() == 1:
+        return _one_by_one(compute, state, todo, bad)
+    half = pl.col("customer_id").is_in(customers[: customers.len() // 2].to_list())
+    out = []
+    for part in (todo.filter(half), todo.filter(~half)):
+        try:
+            out.append(compute(state, part))
+        except Exception:  # noqa: BLE001 - some row of this part is to blame
+            out += _bisect(compute, state, part, bad)
+    return out
+
+def isolate(compute: Callable[[pl.DataFrame, pl.DataFrame], Computed],  # (state, transactions) → Computed; may raise
+            state: pl.DataFrame,  # state rows of the transactions' customers
+            todo: pl.DataFrame,  # transactions (clean columns + `_i`)
+            retries: int = 1,  # whole-batch retries before looking for the rows to blame
+           ) -> tuple[Computed, list[tuple[int, str]]]:
+    "`compute(state, todo)`, or, if it keeps raising, the same without the rows that make it raise + their (`_i`, reason)."
+    for attempt in range(retries + 1):
+        try:
+            return compute(state, todo), []
+        except Exception as e:  # noqa: BLE001 - retried, then isolated
+            log.warning("features/scoring of %d transactions failed (attempt %d of %d): %s", todo.height,
+                        attempt + 1, retries + 1, _reason(e))
+    bad: list[tuple[int, str]] = []
+    out = _combine(_bisect(compute, state, todo, bad), todo)
+    log.warning("%d of %d transactions isolated as failing, the others computed", len(bad), todo.height)
+    return out, bad
+
 # %% ../nbs/42_worker.ipynb #27f567ac
 class Models:
-    "The registry's champion and (optional) challenger, reloaded when the aliases change."
+    "The registry's champion and (optional) challenger, reloaded when the aliases change; kept if a reload fails."
     def __init__(self, root: Path | None = None,  # registry folder (default: settings)
                  nthread: int = 1):  # prediction threads per model
         self.root, self.nthread, self.aliases = root, nthread, None
         self.champion: Scorer | None = None
         self.challenger: Scorer | None = None
+        self.error: str | None = None  # why the last reload failed (None: the aliases' models are loaded)
         self.refresh()
 
     def refresh(self) -> bool:
-        "Reload if the aliases changed since the last load; True if they did. LookupError without a champion."
+        "Reload if the aliases changed since the last load; True if they did. Raises (models kept) if loading fails."
         from fraud_detection.registry import aliases, load
-        now = aliases(self.root)
-        if now == self.aliases:
-            return False
-        self.champion = load("champion", self.root, nthread=self.nthread)
-        self.challenger = load("challenger", self.root, nthread=self.nthread) if now.get("challenger") else None
-        self.aliases = now
+        try:
+            now = aliases(self.root)
+            if now == self.aliases:
+                self.error = None
+                return False
+            champion = load("champion", self.root, nthread=self.nthread)
+            challenger = load("challenger", self.root, nthread=self.nthread) if now.get("challenger") else None
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"[:500]
+            raise
+        self.champion, self.challenger, self.aliases, self.error = champion, challenger, now, None
         log.info("models: champion %s, challenger %s", self.champion.version,
                  self.challenger.version if self.challenger else "none")
         return True
@@ -228,10 +301,17 @@ class WorkerStats:
     messages: int = 0  # consumed from the topic (valid or not)
     scored: int = 0  # written to the results table by this worker
     duplicates: int = 0  # already fully processed (redeliveries, repeated messages)
-    dlq: int = 0  # sent to the dead-letter topic (malformed or stale)
+    dlq: int = 0  # sent to the dead-letter topic (malformed, stale, or failing features/scoring)
+    dlq_reasons: dict[str, int] = field(default_factory=dict)  # of which per reason code (bad_json, stale, model_error...)
     stale: int = 0  # of which stale (older than the customer's state, never scored)
     batches: int = 0
     commits_refused: int = 0  # commits the group refused (rebalance): the batch is redone elsewhere
+    retries: int = 0  # failed attempts at a batch (a dependency down: database, online store, broker), each retried
+    outages: int = 0  # spells of failed attempts, each ended by a success (or the stop)
+    outage_seconds: float = 0.0  # wall time of those spells (backing off included)
+    last_error: str | None = None  # the last failure of a dependency
+    model_version: str | None = None  # the champion scoring now
+    model_error: str | None = None  # why the last model reload failed (the worker kept its models), None if it did not
     seconds: float = 0.0  # wall time spent processing batches
     first_batch: float | None = None  # perf_counter at the start of the first batch
     last_batch: float | None = None  # perf_counter at the end of the last batch
@@ -253,8 +333,11 @@ class WorkerStats:
     def summary(self) -> dict[str, Any]:
         "Plain-JSON summary."
         return {"worker_id": self.worker_id, "messages": self.messages, "scored": self.scored,
-                "duplicates": self.duplicates, "dlq": self.dlq, "stale": self.stale, "batches": self.batches,
-                "commits_refused": self.commits_refused, "seconds": round(self.seconds, 3),
+                "duplicates": self.duplicates, "dlq": self.dlq, "dlq_reasons": dict(sorted(self.dlq_reasons.items())),
+                "stale": self.stale, "batches": self.batches, "commits_refused": self.commits_refused,
+                "retries": self.retries, "outages": self.outages, "outage_seconds": round(self.outage_seconds, 1),
+                "last_error": self.last_error, "model_version": self.model_version, "model_error": self.model_error,
+                "seconds": round(self.seconds, 3),
                 "throughput": round(self.throughput, 1), "partitions": sorted(self.partitions), "assigned": self.assigned,
                 "freshness_p50_ms": self.freshness(50), "freshness_p99_ms": self.freshness(99),
                 "stages": {k: round(v, 3) for k, v in self.stages.items()}}
@@ -290,11 +373,13 @@ class StreamWorker:
                  worker_id: str | None = None,  # name in logs and worker_stats (default: host-pid)
                  flush_timeout: float = 30.0,  # seconds to wait for the broker to acknowledge a batch's messages
                  crash_after: tuple[str, int] | None = None,  # fault injection for tests: SIGKILL self after (step, batch no.)
+                 retries: int = 1,  # whole-batch retries of features + scoring before isolating the failing rows
+                 stats: WorkerStats | None = None,  # counters to continue (default: new ones)
                 ):
         self.consumer, self.producer, self.store, self.engine = consumer, producer, store, engine
         self.models, self.merchant_risk, self.explain, self.top_k = models, merchant_risk, explain, top_k
-        self.flush_timeout, self.crash_after = flush_timeout, crash_after
-        self.stats = WorkerStats(worker_id or f"{socket.gethostname()}-{os.getpid()}")
+        self.flush_timeout, self.crash_after, self.retries = flush_timeout, crash_after, retries
+        self.stats = stats or WorkerStats(worker_id or f"{socket.gethostname()}-{os.getpid()}")
         self.cache = StateCache(lambda ids: read_state(store, ids))
         self.assigned_at: float | None = None  # monotonic time of the last assignment (None: not joined yet)
         self._errors: list[str] = []
@@ -345,11 +430,9 @@ class StreamWorker:
                                         "transaction") for i, tn, ts in stale.select("_i", "trans_num", "ts").iter_rows()]
         with tm("features"):
             risk = self.merchant_risk.current()
-            feats, new_state = incremental_features(state, todo, risk) if todo.height else (todo, empty_state())
-            feats = feats.filter(~pl.col("_scored"))
-        with tm("score"):
-            m = self.models
-            rows = prediction_rows(feats, m.champion, m.challenger, self.explain, self.top_k) if feats.height else None
+        (feats, rows, new_state), failed = isolate(lambda s, b: self._compute(s, b, risk), state, todo, self.retries) \
+            if todo.height else ((todo, None, empty_state()), [])
+        rejects += failed
         with tm("publish"):
             self._errors.clear()
             for i, reason in rejects:
@@ -385,12 +468,32 @@ class StreamWorker:
         st.messages += len(msgs)
         st.scored += written
         st.dlq += len(rejects)
+        for _, reason in rejects:
+            code = reason.split(":", 1)[0]
+            st.dlq_reasons[code] = st.dlq_reasons.get(code, 0) + 1
         st.stale += stale.height
-        st.duplicates += parsed.frame.height - stale.height - feats.height  # everything valid, not stale, not new
+        st.model_version = self.models.champion.version
+        st.duplicates += parsed.frame.height - stale.height - feats.height - len(failed)  # valid, not stale/new/failed
         if rows is not None:
             st.freshness_ms.extend(rows["latency_ms"].drop_nulls().to_list())
         st.last_batch = time.perf_counter()
         st.seconds += st.last_batch - t0
+
+    def _compute(self, state: pl.DataFrame, todo: pl.DataFrame, risk: pl.DataFrame | None) -> Computed:
+        "Features and results rows of transactions (`isolate`'s compute); RowError names the step that raised."
+        tm, m = self._time, self.models
+        with tm("features"):
+            try:
+                feats, new_state = incremental_features(state, todo, risk)
+            except Exception as e:
+                raise RowError("feature_error", e) from e
+            feats = feats.filter(~pl.col("_scored"))
+        with tm("score"):
+            try:
+                rows = prediction_rows(feats, m.champion, m.challenger, self.explain, self.top_k) if feats.height else None
+            except Exception as e:
+                raise RowError("model_error", e) from e
+        return feats, rows, new_state
 
     def _produce(self, topic: str, key: bytes, value: bytes) -> None:
         while True:
@@ -412,6 +515,49 @@ class StreamWorker:
             self.cache.clear()
             log.warning("%s: commit refused (%s): another member redoes the batch", self.stats.worker_id,
                         e.args[0].name())
+
+# %% ../nbs/42_worker.ipynb #95180b5b
+def _fatal(e: Exception) -> bool:
+    "A Kafka client error that no retry can mend (the client must be recreated)."
+    from confluent_kafka import KafkaException
+    return isinstance(e, KafkaException) and bool(e.args) and hasattr(e.args[0], "fatal") and e.args[0].fatal()
+
+def retry_until_done(fn: Callable[[], Any],  # the work: a batch, a start-up step
+                     stats: WorkerStats,  # counts retries, outages and their seconds, keeps the last error
+                     stop: threading.Event,  # set: stop waiting (returns False)
+                     what: str = "batch",  # named in the log
+                     first: float = 0.5,  # seconds before the first retry; doubled after each failure...
+                     most: float = 5.0,  # ...up to this (bounded backoff: no busy loop, resumes soon after)
+                     on_error: Callable[[], None] | None = None,  # after each failure (e.g. forget the cache)
+                    ) -> bool:
+    "Run `fn` until it succeeds, pausing with bounded backoff between failures; False if stopped before it did."
+    delay, t0, attempt = first, None, 0
+    try:
+        while True:
+            try:
+                fn()
+                if t0 is not None:
+                    log.warning("%s: %s succeeded again after %.1f s", stats.worker_id, what, time.monotonic() - t0)
+                return True
+            except Exception as e:
+                if _fatal(e):
+                    raise
+                stats.retries += 1
+                attempt += 1
+                stats.last_error = f"{type(e).__name__}: {e}"[:500]
+                if t0 is None:
+                    t0 = time.monotonic()
+                    stats.outages += 1
+                log.error("%s: %s failed (attempt %d of this outage), retrying in %.1f s: %s", stats.worker_id, what,
+                          attempt, delay, stats.last_error)
+                if on_error is not None:
+                    on_error()
+            if stop.wait(delay):
+                return False
+            delay = min(2 * delay, most)
+    finally:
+        if t0 is not None:
+            stats.outage_seconds += time.monotonic() - t0
 
 # %% ../nbs/42_worker.ipynb #34055c25
 def _lag(consumer: Consumer) -> int | None:
@@ -455,19 +601,20 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
     stop = stop_event or threading.Event()
     wait_for_broker(s.bootstrap_servers, timeout=30.0)
     ensure_topics(s.bootstrap_servers, ALL_TOPICS, s.topic_partitions)
+    wid = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    st = WorkerStats(wid)
     engine = get_engine(s.database_url)
-    create_tables(engine)
+    if not retry_until_done(lambda: create_tables(engine), st, stop, "opening the results database"):
+        return st
     store = get_store(s)
     if CUSTOMER_VIEW not in {v.name for v in store.list_feature_views()}:
         apply(store)  # no batch run yet: register the definitions so pushes have a place to go
     models = Models(s.data / "registry")
-    wid = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     quiet = {"client_id": wid, "log_connection_close": False}  # a broker going away is logged by errors, not noise
     consumer = Consumer(consumer_config(s.bootstrap_servers, s.consumer_group, **quiet))
     producer = Producer(producer_config(s.bootstrap_servers, **quiet))
     worker = StreamWorker(consumer, producer, store, engine, models, MerchantRisk(s.data / MERCHANT_RISK_OFFLINE),
-                          explain=explain, worker_id=wid, crash_after=_crash_after())
-    st = worker.stats
+                          explain=explain, worker_id=wid, crash_after=_crash_after(), stats=st)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -491,20 +638,21 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
                 else:
                     log.warning("%s: consumer: %s", wid, m.error())
             now = time.monotonic()
-            if msgs:
-                worker.process(msgs)
-                last_msg = now
+            if msgs:  # a dependency down: pause and retry the same batch (nothing committed, nothing lost)
+                if not retry_until_done(partial(worker.process, msgs), st, stop, "batch", on_error=worker.cache.clear):
+                    break
+                last_msg = now = time.monotonic()
             elif (idle_exit is not None and worker.assigned_at is not None
                   and now - max(last_msg, worker.assigned_at) >= idle_exit):
                 log.info("%s: idle for %.1f s, stopping", wid, idle_exit)
                 break
             if now - last_report >= stats_every:
-                reported = _report(worker, engine, reported, now - last_report)
-                last_report = now
                 try:
-                    models.refresh()
-                except (LookupError, OSError, ValueError) as e:  # a broken registry must not stop the stream
-                    log.warning("%s: keeping champion %s: %s", wid, models.champion.version, e)
+                    reported = _report(worker, engine, reported, now - last_report)
+                except Exception as e:  # noqa: BLE001 - statistics wait for the database; the stream does not
+                    log.warning("%s: worker_stats row not written: %s", wid, e)
+                last_report = now
+                _refresh_models(models, st)
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
@@ -514,10 +662,20 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
         if st.messages > reported[0]:
             try:
                 _report(worker, engine, reported, time.monotonic() - last_report, lag=False)
-            except sa.exc.SQLAlchemyError as e:  # do not hide why the loop ended
+            except Exception as e:  # noqa: BLE001 - do not hide why the loop ended
                 log.warning("%s: last worker_stats row not written: %s", wid, e)
     log.info("%s: stopped: %s", wid, json.dumps(st.summary()))
     return st
+
+def _refresh_models(models: Models, st: WorkerStats) -> None:
+    "Load a newly promoted champion/challenger; a failed load keeps the models (logged once per new error)."
+    try:
+        models.refresh()
+    except Exception:  # noqa: BLE001 - a broken registry or model file must not stop the stream
+        if models.error != st.model_error:
+            log.error("%s: model reload failed, keeping champion %s: %s", st.worker_id, models.champion.version,
+                      models.error)
+    st.model_version, st.model_error = models.champion.version, models.error
 
 def _report(worker: StreamWorker, engine: Engine, reported: tuple[int, int], seconds: float,
             lag: bool = True) -> tuple[int, int]:
