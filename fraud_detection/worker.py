@@ -45,9 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'Explain', 'Computed', 'STEPS', 'ParsedBatch', 'parse_batch', 'load_merchant_risk', 'MerchantRisk',
-           'StateCache', 'triage', 'scored_trans_nums', 'prediction_rows', 'prediction_messages', 'RowError', 'isolate',
-           'Models', 'WorkerStats', 'StreamWorker', 'retry_until_done', 'run_worker', 'main']
+__all__ = ['log', 'Explain', 'STEPS', 'ParsedBatch', 'parse_batch', 'load_merchant_risk', 'MerchantRisk', 'StateCache', 'triage',
+           'scored_trans_nums', 'prediction_rows', 'prediction_messages', 'RowError', 'isolate_features',
+           'isolate_scores', 'Models', 'WorkerStats', 'StreamWorker', 'retry_until_done', 'run_worker', 'main']
 
 # %% ../nbs/42_worker.ipynb #6fbba047
 _META = {"_i": pl.Int64, "_partition": pl.Int32, "_offset": pl.Int64, "_kafka_ms": pl.Int64}
@@ -198,71 +198,90 @@ def prediction_messages(rows: pl.DataFrame,  # from `prediction_rows`
                       alert=pl.col("decision") != "approve")
     return out["key"].to_list(), out["value"].to_list(), out["alert"].to_list()
 
-# %% ../nbs/42_worker.ipynb #393a182a
+# %% ../nbs/42_worker.ipynb #7bc2ac0e
 class RowError(Exception):
     "Features or scoring raised; `code` names the step (`feature_error`, `model_error`)."
     def __init__(self, code: str, error: BaseException):
         super().__init__(f"{code}: {type(error).__name__}: {error}"[:500])
         self.code, self.reason = code, str(self)
 
-Computed = tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame]  # (scored feature rows, results rows, new state)
-
 def _reason(e: Exception) -> str:
     return e.reason if isinstance(e, RowError) else f"error: {type(e).__name__}: {e}"[:500]
 
-def _combine(parts: list[Computed], todo: pl.DataFrame) -> Computed:
-    "One result from the results of disjoint parts (nothing computed: empty frames)."
-    if not parts:
-        return todo.clear(), None, empty_state()
-    rows = [p[1] for p in parts if p[1] is not None]
-    return (pl.concat([p[0] for p in parts]), pl.concat(rows) if rows else None,
-            pl.concat([p[2] for p in parts]))
+def _tries(fn: Callable[[], Any], retries: int, what: str) -> tuple[bool, Any]:
+    "(True, fn()) or, if it raised `retries` + 1 times, (False, None)."
+    for attempt in range(retries + 1):
+        try:
+            return True, fn()
+        except Exception as e:  # noqa: BLE001 - retried, then isolated
+            log.warning("%s failed (attempt %d of %d): %s", what, attempt + 1, retries + 1, _reason(e))
+    return False, None
 
-def _one_by_one(compute, state, todo, bad) -> list[Computed]:
+def _one_by_one(features, state, todo, bad) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
     "One customer's transactions one at a time in event order, the state carried from each success."
     st, out = state.join(todo.select("customer_id").unique(), on="customer_id", how="semi"), []
     for row in todo.sort("ts", "trans_num").iter_slices(1):
         try:
-            out.append(compute(st, row))
+            feats, st = features(st, row)
         except Exception as e:  # noqa: BLE001 - this row is to blame, whatever it raised
             bad.append((row["_i"][0], _reason(e)))
             continue
-        st = out[-1][2] if out[-1][2].height else st
-    if not out:
-        return []
-    feats, rows, _ = _combine(out, todo)
-    return [(feats, rows, st)]
+        out.append(feats)
+    return [(pl.concat(out), st)] if out else []
 
-def _bisect(compute, state, todo, bad) -> list[Computed]:
+def _by_customer(features, state, todo, bad) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
     "Results of the parts of `todo` that compute: halves by customer, then one customer's rows one by one."
     customers = todo["customer_id"].unique(maintain_order=True)
     if customers.len() == 1:
-        return _one_by_one(compute, state, todo, bad)
+        return _one_by_one(features, state, todo, bad)
     half = pl.col("customer_id").is_in(customers[: customers.len() // 2].to_list())
     out = []
     for part in (todo.filter(half), todo.filter(~half)):
         try:
-            out.append(compute(state, part))
+            out.append(features(state, part))
         except Exception:  # noqa: BLE001 - some row of this part is to blame
-            out += _bisect(compute, state, part, bad)
+            out += _by_customer(features, state, part, bad)
     return out
 
-def isolate(compute: Callable[[pl.DataFrame, pl.DataFrame], Computed],  # (state, transactions) → Computed; may raise
-            state: pl.DataFrame,  # state rows of the transactions' customers
-            todo: pl.DataFrame,  # transactions (clean columns + `_i`)
-            retries: int = 1,  # whole-batch retries before looking for the rows to blame
-           ) -> tuple[Computed, list[tuple[int, str]]]:
-    "`compute(state, todo)`, or, if it keeps raising, the same without the rows that make it raise + their (`_i`, reason)."
-    for attempt in range(retries + 1):
-        try:
-            return compute(state, todo), []
-        except Exception as e:  # noqa: BLE001 - retried, then isolated
-            log.warning("features/scoring of %d transactions failed (attempt %d of %d): %s", todo.height,
-                        attempt + 1, retries + 1, _reason(e))
+# %% ../nbs/42_worker.ipynb #ad52f596
+def isolate_features(features: Callable[[pl.DataFrame, pl.DataFrame], tuple[pl.DataFrame, pl.DataFrame]],  # (state, transactions) → (feature rows, new state); may raise
+                     state: pl.DataFrame,  # state rows of the transactions' customers
+                     todo: pl.DataFrame,  # transactions (clean columns + `_i`), not empty
+                     retries: int = 1,  # whole-batch retries before looking for the rows to blame
+                    ) -> tuple[pl.DataFrame, pl.DataFrame, list[tuple[int, str]]]:
+    "(feature rows, new state, [(`_i`, reason)] of the rows that make `features` raise, left out of both)."
+    ok, got = _tries(lambda: features(state, todo), retries, f"features of {todo.height} transactions")
+    if ok:
+        return *got, []
     bad: list[tuple[int, str]] = []
-    out = _combine(_bisect(compute, state, todo, bad), todo)
-    log.warning("%d of %d transactions isolated as failing, the others computed", len(bad), todo.height)
-    return out, bad
+    parts = _by_customer(features, state, todo, bad)
+    log.warning("features: %d of %d transactions isolated as failing", len(bad), todo.height)
+    if not parts:
+        return todo.clear(), empty_state(), bad
+    return pl.concat([p[0] for p in parts]), pl.concat([p[1] for p in parts]), bad
+
+def _by_rows(score, feats, bad) -> list[pl.DataFrame]:
+    "Results rows of the halves of `feats` that score, down to single rows."
+    try:
+        return [score(feats)]
+    except Exception as e:  # noqa: BLE001 - some row is to blame
+        if feats.height == 1:
+            bad.append((feats["_i"][0], _reason(e)))
+            return []
+    return [*_by_rows(score, feats.head(feats.height // 2), bad), *_by_rows(score, feats.slice(feats.height // 2), bad)]
+
+def isolate_scores(score: Callable[[pl.DataFrame], pl.DataFrame],  # feature rows → results rows; may raise
+                   feats: pl.DataFrame,  # feature rows (+ `_i`), not empty
+                   retries: int = 1,  # whole-batch retries before looking for the rows to blame
+                  ) -> tuple[pl.DataFrame | None, list[tuple[int, str]]]:
+    "(results rows or None, [(`_i`, reason)] of the rows that make `score` raise): halves down to single rows."
+    ok, rows = _tries(lambda: score(feats), retries, f"scoring of {feats.height} transactions")
+    if ok:
+        return rows, []
+    bad: list[tuple[int, str]] = []
+    parts = _by_rows(score, feats, bad)
+    log.warning("scoring: %d of %d transactions isolated as failing", len(bad), feats.height)
+    return (pl.concat(parts) if parts else None), bad
 
 # %% ../nbs/42_worker.ipynb #27f567ac
 class Models:
@@ -428,11 +447,14 @@ class StreamWorker:
             stale = batch.filter(pl.col("_applied") & ~pl.col("_scored"))
         rejects = parsed.rejects + [(i, f"stale: {tn} at {ts.isoformat()} is not after its customer's last applied "
                                         "transaction") for i, tn, ts in stale.select("_i", "trans_num", "ts").iter_rows()]
-        with tm("features"):
-            risk = self.merchant_risk.current()
-        (feats, rows, new_state), failed = isolate(lambda s, b: self._compute(s, b, risk), state, todo, self.retries) \
-            if todo.height else ((todo, None, empty_state()), [])
-        rejects += failed
+        with tm("features"):  # rows that make features or scoring raise: to the DLQ (see `isolate_features`)
+            features = partial(self._features, risk=self.merchant_risk.current())
+            feats, new_state, failed = isolate_features(features, state, todo, self.retries) if todo.height else \
+                (todo, empty_state(), [])
+            feats = feats.filter(~pl.col("_scored"))
+        with tm("score"):
+            rows, refused = isolate_scores(self._score, feats, self.retries) if feats.height else (None, [])
+        rejects += failed + refused
         with tm("publish"):
             self._errors.clear()
             for i, reason in rejects:
@@ -479,21 +501,20 @@ class StreamWorker:
         st.last_batch = time.perf_counter()
         st.seconds += st.last_batch - t0
 
-    def _compute(self, state: pl.DataFrame, todo: pl.DataFrame, risk: pl.DataFrame | None) -> Computed:
-        "Features and results rows of transactions (`isolate`'s compute); RowError names the step that raised."
-        tm, m = self._time, self.models
-        with tm("features"):
-            try:
-                feats, new_state = incremental_features(state, todo, risk)
-            except Exception as e:
-                raise RowError("feature_error", e) from e
-            feats = feats.filter(~pl.col("_scored"))
-        with tm("score"):
-            try:
-                rows = prediction_rows(feats, m.champion, m.challenger, self.explain, self.top_k) if feats.height else None
-            except Exception as e:
-                raise RowError("model_error", e) from e
-        return feats, rows, new_state
+    def _features(self, state: pl.DataFrame, todo: pl.DataFrame, risk: pl.DataFrame | None,
+                 ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        "(feature rows, new state) of transactions; RowError('feature_error') if the feature code raises."
+        try:
+            return incremental_features(state, todo, risk)
+        except Exception as e:
+            raise RowError("feature_error", e) from e
+
+    def _score(self, feats: pl.DataFrame) -> pl.DataFrame:
+        "Results rows of feature rows; RowError('model_error') if a model raises."
+        try:
+            return prediction_rows(feats, self.models.champion, self.models.challenger, self.explain, self.top_k)
+        except Exception as e:
+            raise RowError("model_error", e) from e
 
     def _produce(self, topic: str, key: bytes, value: bytes) -> None:
         while True:
@@ -594,6 +615,7 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
                explain: Explain = "flagged",  # which rows get SHAP reasons (see `prediction_rows`)
                stats_every: float = 5.0,  # seconds between worker_stats rows (and model refresh checks)
                worker_id: str | None = None,  # default: host-pid
+               stats: WorkerStats | None = None,  # counters to fill while running (default: new ones; returned)
               ) -> WorkerStats:
     "Run one stream worker of the consumer group until stopped; returns what it did."
     from confluent_kafka import Consumer, KafkaException, Producer
@@ -602,7 +624,7 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
     wait_for_broker(s.bootstrap_servers, timeout=30.0)
     ensure_topics(s.bootstrap_servers, ALL_TOPICS, s.topic_partitions)
     wid = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    st = WorkerStats(wid)
+    st = stats or WorkerStats(wid)
     engine = get_engine(s.database_url)
     if not retry_until_done(lambda: create_tables(engine), st, stop, "opening the results database"):
         return st
