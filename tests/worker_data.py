@@ -185,12 +185,16 @@ def copy_data_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
-def assert_matches_batch(data: Path, url: str, truth: Truth, expect: pl.DataFrame | None = None) -> pl.DataFrame:
+def assert_matches_batch(data: Path, url: str, truth: Truth, expect: pl.DataFrame | None = None,
+                         applied: pl.DataFrame | None = None, ignore: set[str] | frozenset = frozenset(),
+                         ) -> pl.DataFrame:
     """Exactly one results row per expected transaction (default: all of test), with the batch path's features and
-    scores (to float tolerance), and online + offline customer state equal to the batch path's state after train + expected
-    transactions. Returns the rows."""
+    scores (to float tolerance), and online + offline customer state equal to the batch path's state after train + applied
+    transactions (default: the expected ones). Rows of `ignore`d trans_nums (checked elsewhere) are left out. Returns
+    the rows."""
     expect = truth.test if expect is None else expect
     rows = result_rows(url)
+    rows = rows.filter(~pl.col("trans_num").is_in(list(ignore))) if ignore else rows
     assert rows.height == expect.height, f"{rows.height} results rows for {expect.height} transactions"
     assert set(rows["trans_num"]) == set(expect["trans_num"])
     want = truth.features.join(expect.select("trans_num"), on="trans_num", how="semi").sort("ts", "trans_num")
@@ -201,8 +205,9 @@ def assert_matches_batch(data: Path, url: str, truth: Truth, expect: pl.DataFram
                                rtol=1e-9, atol=0)
     np.testing.assert_allclose(rows["challenger_probability"].to_numpy(),
                                load("challenger", registry).predict_proba(want), rtol=1e-9, atol=0)
-    customers = expect["customer_id"].unique().sort().to_list()
-    truth_state = state_from_history(pl.concat([truth.train, expect])).filter(pl.col("customer_id").is_in(customers))
+    applied = expect if applied is None else applied
+    customers = applied["customer_id"].unique().sort().to_list()
+    truth_state = state_from_history(pl.concat([truth.train, applied])).filter(pl.col("customer_id").is_in(customers))
     online = read_state(get_store(Settings(data_dir=data)), customers)
     assert_frame_equal(online.sort("customer_id"), truth_state)
     parts = pl.read_parquet(data / STATE_OFFLINE / "part-*.parquet")
