@@ -296,7 +296,7 @@ class Models:
 
     def refresh(self) -> bool:
         "Reload if the aliases changed since the last load; True if they did. Raises (models kept) if loading fails."
-        from fraud_detection.registry import aliases, load
+        from fraud_detection.registry import aliases, load, load_error
         try:
             now = aliases(self.root)
             if now == self.aliases:
@@ -305,7 +305,7 @@ class Models:
             champion = load("champion", self.root, nthread=self.nthread)
             challenger = load("challenger", self.root, nthread=self.nthread) if now.get("challenger") else None
         except Exception as e:
-            self.error = f"{type(e).__name__}: {e}"[:500]
+            self.error = load_error(e)
             raise
         self.champion, self.challenger, self.aliases, self.error = champion, challenger, now, None
         log.info("models: champion %s, challenger %s", self.champion.version,

@@ -5,6 +5,7 @@ mixed, rows that make scoring raise, a champion that cannot score anything. Real
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -292,3 +293,33 @@ def test_champion_that_cannot_score_dead_letters_without_blocking(data, truth):
     truth_state = state_from_history(pl.concat([truth.train, test])).filter(pl.col("customer_id").is_in(customers))
     online = read_state(get_store(Settings(data_dir=data)), customers)
     assert online.sort("customer_id").equals(truth_state.sort("customer_id"))
+
+
+# --- a corrupt champion at hot reload ------------------------------------------------------------------------------
+
+def test_corrupt_champion_at_reload_keeps_the_model(data, truth, caplog):
+    "A corrupt model promoted mid-stream: the worker keeps scoring with its model, says so once; mended, it reloads."
+    registry = data / "registry"
+    test = truth.test.head(90)
+    version = load("champion", registry).version
+    caplog.set_level(logging.ERROR, logger="fraud_detection.worker")
+    with fresh_broker() as bootstrap, LiveWorker(settings_for(data, bootstrap), stats_every=0.1) as w:
+        replay(test.head(30), bootstrap, progress=False)
+        w.wait(30)
+        bad = register(load("challenger", registry), root=registry)
+        (registry / bad / "model.ubj").write_bytes(b"\x00 not a model")
+        set_alias("champion", bad, root=registry)
+        wait_for(lambda: w.stats.model_error, 10, "the failed reload in the status")
+        replay(test.slice(30, 30), bootstrap, progress=False)
+        w.wait(60)
+        status = w.stats.summary()
+        time.sleep(0.5)  # several more checks: still one log line
+        set_alias("champion", version, root=registry)  # mended (rolled back)
+        wait_for(lambda: w.stats.model_error is None, 10, "the mended registry")
+        replay(test.tail(30), bootstrap, progress=False)
+        w.wait(90)
+    assert status["model_version"] == version and status["model_error"].startswith("XGBoostError")
+    assert [r.getMessage() for r in caplog.records if "model reload failed" in r.getMessage()] == [
+        f"{w.stats.worker_id}: model reload failed, keeping champion {version}: {status['model_error']}"]
+    rows = assert_matches_batch(data, db_url(data), truth, expect=test)
+    assert rows["model_version"].unique().to_list() == [version]
