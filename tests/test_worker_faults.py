@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 import time
 from datetime import timedelta
 
@@ -15,6 +14,7 @@ import polars as pl
 import pytest
 from confluent_kafka import Producer
 from worker_data import (
+    LiveWorker,
     assert_matches_batch,
     db_url,
     fresh_broker,
@@ -154,29 +154,6 @@ def stale_copy(test: pl.DataFrame) -> bytes:
     first = test.head(1)
     return frame_to_messages(first.with_columns(trans_num=pl.lit("stale-copy"), ts=pl.col("ts") - timedelta(days=1),
                                                 unix_time=pl.col("unix_time") - 86400))[0][1]
-
-
-class LiveWorker:
-    "`run_worker` in a thread with live stats, stopped on exit."
-    def __init__(self, settings: Settings, **kw):
-        self.stats, self.stop = WorkerStats("live"), threading.Event()
-        self.thread = threading.Thread(target=run_worker, args=(settings,), daemon=True,
-                                       kwargs={"stop_event": self.stop, "stats": self.stats, "max_wait": 0.05, **kw})
-
-    def __enter__(self) -> LiveWorker:
-        self.thread.start()
-        wait_for(lambda: self.stats.assigned, 60, "the worker joining the group")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(60)
-        assert not self.thread.is_alive()
-
-    def wait(self, messages: int, timeout: float = 30.0) -> WorkerStats:
-        "Wait until `messages` messages have been processed (and committed) in all."
-        wait_for(lambda: self.stats.messages >= messages, timeout, f"{messages} messages processed")
-        return self.stats
 
 
 def _snapshot(st: WorkerStats) -> dict:
