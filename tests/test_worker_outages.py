@@ -21,7 +21,7 @@ from worker_data import PARTITIONS, LiveWorker, assert_matches_batch, fresh_brok
 
 from fraud_detection.broker import ALL_TOPICS, ensure_topics, free_port, wait_for_broker
 from fraud_detection.core import Settings
-from fraud_detection.feature_store import get_store, push_state
+from fraud_detection.feature_store import apply, get_store, push_state
 from fraud_detection.features import state_from_history
 from fraud_detection.producer import replay
 
@@ -83,7 +83,9 @@ def redis_online(redis_url, data, truth):
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
     direct = Settings(data_dir=data, online_store="redis", redis_url=redis_url)
-    push_state(get_store(direct), state_from_history(truth.train), to="online")
+    store = get_store(direct)
+    apply(store)  # this store's registry: the definitions, as `fraud` does before the first push
+    push_state(store, state_from_history(truth.train), to="online")
     yield direct
     client.flushdb()
 
