@@ -38,10 +38,11 @@ from fraud_detection.results import get_engine, predictions
 from fraud_detection.schema import frame_to_messages, message_headers
 from fraud_detection.worker import load_merchant_risk
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 SECONDS = float(os.environ.get("FRAUD_SOAK_SECONDS", "600"))
 RATE = float(os.environ.get("FRAUD_SOAK_RATE", "500"))
 BAD_SHARE = 0.005  # of the messages sent
+pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis,
+              pytest.mark.timeout(2 * SECONDS + 900)]  # the run, catching up, the batch-path check
 
 
 def laps(test: pl.DataFrame, n: int) -> pl.DataFrame:
