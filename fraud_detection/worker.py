@@ -402,6 +402,7 @@ class StreamWorker:
         self.cache = StateCache(lambda ids: read_state(store, ids))
         self.assigned_at: float | None = None  # monotonic time of the last assignment (None: not joined yet)
         self._errors: list[str] = []
+        self._carried: tuple[tuple | None, int] = (None, 0)  # (batch, rows written) of a batch whose attempt failed
         self._time = _Timer(self.stats.stages)
 
     # partition changes: the cache is only valid while this worker owns the partitions it was filled from
@@ -436,6 +437,8 @@ class StreamWorker:
         t0, tm, st = time.perf_counter(), self._time, self.stats
         if st.first_batch is None:
             st.first_batch = t0
+        key = (msgs[0].partition(), msgs[0].offset(), len(msgs))  # this batch (retried as is when a step fails)
+        carried = self._carried[1] if self._carried[0] == key else 0  # rows written by failed attempts at it
         with tm("parse"):
             parsed = parse_batch(msgs)
         with tm("state_read"):
@@ -473,6 +476,7 @@ class StreamWorker:
         self._checkpoint("publish")
         with tm("write"):
             written = write_predictions(self.engine, rows) if rows is not None else 0
+            self._carried = (key, carried + written)  # if a later step fails, the retry finds these rows done
         self._checkpoint("write")
         with tm("push"):
             if new_state.height:
@@ -488,14 +492,15 @@ class StreamWorker:
         self._checkpoint("commit")
         st.batches += 1
         st.messages += len(msgs)
-        st.scored += written
+        st.scored += carried + written
+        self._carried = (None, 0)
         st.dlq += len(rejects)
         for _, reason in rejects:
             code = reason.split(":", 1)[0]
             st.dlq_reasons[code] = st.dlq_reasons.get(code, 0) + 1
         st.stale += stale.height
         st.model_version = self.models.champion.version
-        st.duplicates += parsed.frame.height - stale.height - feats.height - len(failed)  # valid, not stale/new/failed
+        st.duplicates += parsed.frame.height - stale.height - feats.height - len(failed) - carried  # the rest
         if rows is not None:
             st.freshness_ms.extend(rows["latency_ms"].drop_nulls().to_list())
         st.last_batch = time.perf_counter()
