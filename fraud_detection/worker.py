@@ -437,8 +437,8 @@ class StreamWorker:
         t0, tm, st = time.perf_counter(), self._time, self.stats
         if st.first_batch is None:
             st.first_batch = t0
-        key = (msgs[0].partition(), msgs[0].offset(), len(msgs))  # this batch (retried as is when a step fails)
-        carried = self._carried[1] if self._carried[0] == key else 0  # rows written by failed attempts at it
+        batch_id = (msgs[0].partition(), msgs[0].offset(), len(msgs))  # this batch (retried as is if a step fails)
+        carried = self._carried[1] if self._carried[0] == batch_id else 0  # rows written by failed attempts at it
         with tm("parse"):
             parsed = parse_batch(msgs)
         with tm("state_read"):
@@ -476,7 +476,7 @@ class StreamWorker:
         self._checkpoint("publish")
         with tm("write"):
             written = write_predictions(self.engine, rows) if rows is not None else 0
-            self._carried = (key, carried + written)  # if a later step fails, the retry finds these rows done
+            self._carried = (batch_id, carried + written)  # if a later step fails, the retry finds these rows done
         self._checkpoint("write")
         with tm("push"):
             if new_state.height:

@@ -57,7 +57,10 @@ def _outage_mid_stream(settings: Settings, proxy: TcpProxy, test) -> tuple[LiveW
         wait_for(lambda: w.stats.scored > 100, 60, "scoring before the outage")
         seen = _outage(w, proxy)
         assert w.stats.scored < test.height, "the stream ended before the outage did"
-        wait_for(lambda: w.stats.scored >= test.height, 120, "every transaction scored after the outage")
+        try:
+            wait_for(lambda: w.stats.scored >= test.height, 120, "every transaction scored after the outage")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {w.stats.summary()}, stream alive {stream.is_alive()}") from None
         stream.join(30)
     return w, seen
 
