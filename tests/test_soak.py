@@ -132,14 +132,20 @@ def test_soak(data, truth, postgres_url, redis_url, tmp_path):
         stream.thread.start()
         t0 = time.monotonic()
         calm = SECONDS / 2  # the last half: no kills (the same process, for the memory check)
+
+        def sample() -> None:  # the worker's memory every 2 s during the calm part
+            while stream.thread.is_alive():
+                elapsed = time.monotonic() - t0
+                if elapsed > SECONDS - calm and (m := rss_mb(worker.pid)):
+                    rss.append((elapsed, m))
+                time.sleep(2)
+        threading.Thread(target=sample, daemon=True).start()
         try:
             while stream.thread.is_alive():
                 elapsed = time.monotonic() - t0
                 if worker.poll() is not None:
                     raise AssertionError(f"the worker exited by itself ({worker.returncode}):\n"
                                          f"{log.read_text()[-3000:]}")
-                if elapsed > SECONDS - calm and (m := rss_mb(worker.pid)):
-                    rss.append((elapsed, m))
                 wait = rng.uniform(10, 30)
                 if elapsed + wait > SECONDS - 5:
                     time.sleep(1)
