@@ -45,9 +45,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'Explain', 'STEPS', 'ParsedBatch', 'parse_batch', 'load_merchant_risk', 'MerchantRisk', 'StateCache', 'triage',
-           'scored_trans_nums', 'prediction_rows', 'prediction_messages', 'RowError', 'isolate_features',
-           'isolate_scores', 'Models', 'WorkerStats', 'StreamWorker', 'retry_until_done', 'run_worker', 'main']
+__all__ = ['log', 'Explain', 'STEPS', 'STORE_TIMEOUT_S', 'ParsedBatch', 'parse_batch', 'load_merchant_risk', 'MerchantRisk',
+           'StateCache', 'triage', 'scored_trans_nums', 'prediction_rows', 'prediction_messages', 'RowError',
+           'isolate_features', 'isolate_scores', 'Models', 'WorkerStats', 'StreamWorker', 'retry_until_done',
+           'run_worker', 'main']
 
 # %% ../nbs/42_worker.ipynb #6fbba047
 _META = {"_i": pl.Int64, "_partition": pl.Int32, "_offset": pl.Int64, "_kafka_ms": pl.Int64}
@@ -610,6 +611,8 @@ def _crash_after() -> tuple[str, int] | None:
         raise ValueError(f"FRAUD_WORKER_CRASH_AFTER: step must be one of {STEPS}, got {step!r}")
     return step, int(n)
 
+STORE_TIMEOUT_S = 10.0  # the worker's online-store deadline (the YAML's 50 ms is the API's per-request budget)
+
 def run_worker(settings: Settings | None = None,  # default: get_settings()
                *,
                max_messages: int | None = None,  # stop after this many messages (None: run until stopped)
@@ -633,7 +636,7 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
     engine = get_engine(s.database_url)
     if not retry_until_done(lambda: create_tables(engine), st, stop, "opening the results database"):
         return st
-    store = get_store(s)
+    store = get_store(s, timeout=STORE_TIMEOUT_S)
     if CUSTOMER_VIEW not in {v.name for v in store.list_feature_views()}:
         apply(store)  # no batch run yet: register the definitions so pushes have a place to go
     models = Models(s.data / "registry")
