@@ -153,7 +153,10 @@ def test_soak(data, truth, postgres_url, redis_url, tmp_path):
                 time.sleep(wait)
                 kind = rng.choice(["kill -9", "db outage", "redis outage"] if time.monotonic() - t0 < SECONDS - calm
                                   else ["db outage", "redis outage"])
-                if kind == "kill -9":
+                if kind == "kill -9":  # once it is scoring (a worker still starting up would be a cheap kill)
+                    before = count()
+                    wait_for(lambda b=before, w=worker: count() > b or w.poll() is not None, 120, "the worker scoring")
+                    time.sleep(rng.uniform(0, 1))
                     worker.send_signal(signal.SIGKILL)
                     worker.wait()
                     worker = start_worker(data, bootstrap, log, **env)
@@ -166,7 +169,7 @@ def test_soak(data, truth, postgres_url, redis_url, tmp_path):
                     faults["outage seconds"] += secs
                 faults[kind] += 1
             stream.thread.join()
-            wait_for(lambda: count() >= n, 600, f"{n} results rows")
+            wait_for(lambda: count() >= n, 600 + SECONDS, f"{n} results rows")  # a loaded machine catches up slowly
             time.sleep(2)
             last = stop_worker(worker, log, timeout=60)
         finally:
@@ -178,7 +181,7 @@ def test_soak(data, truth, postgres_url, redis_url, tmp_path):
             rows = pl.DataFrame([dict(r) for r in c.execute(predictions.select()).mappings()],
                                 infer_schema_length=None)
     # exactly once, with the batch path's features and scores
-    counts = {"valid sent": stream.sent, "bad sent": len(stream.bad), "results rows": rows.height,
+    counts = {"valid sent": stream.sent, "worker starts": log.read_text().count("consuming transactions"), "bad sent": len(stream.bad), "results rows": rows.height,
               "distinct scored": rows["trans_num"].n_unique(), "dlq messages": len(dlq), **faults,
               "last worker": {k: last[k] for k in ("messages", "scored", "duplicates", "dlq", "dlq_reasons", "retries",
                                                     "outages", "outage_seconds")}}
