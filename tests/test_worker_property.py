@@ -172,6 +172,7 @@ def valid_transaction(draw, customers: list[str]) -> dict:
                 merch_lat=draw(f(-90, 90)), merch_long=draw(f(-180, 180)), is_fraud=draw(hst.sampled_from([None, 0, 1])))
 
 
+@pytest.mark.slow  # an exploration: 300 examples
 def test_schema_valid_values_never_stop_the_stream(data, truth):
     """Transactions valid by schema with values anywhere in their ranges (any year, denormal amounts, extreme
     coordinates, any unicode): `process` never raises; each is scored, a duplicate, stale, or dead-lettered as a
@@ -181,7 +182,7 @@ def test_schema_valid_values_never_stop_the_stream(data, truth):
         h = Harness(data, bootstrap)
         h.worker.explain = True  # every row explained: XGBoost's matrix check sees every feature row
 
-        @settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(txs=hst.lists(valid_transaction(customers), min_size=1, max_size=6))
         def one_batch(txs: list[dict]) -> None:
             for i, t in enumerate(txs):  # unique ids (hypothesis repeats small strings: those would be duplicates)
