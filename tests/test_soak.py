@@ -140,6 +140,7 @@ def test_soak(data, truth, postgres_url, redis_url, tmp_path):
                     rss.append((elapsed, m))
                 time.sleep(2)
         threading.Thread(target=sample, daemon=True).start()
+        cycle: list[str] = []
         try:
             while stream.thread.is_alive():
                 elapsed = time.monotonic() - t0
@@ -151,8 +152,11 @@ def test_soak(data, truth, postgres_url, redis_url, tmp_path):
                     time.sleep(1)
                     continue
                 time.sleep(wait)
-                kind = rng.choice(["kill -9", "db outage", "redis outage"] if time.monotonic() - t0 < SECONDS - calm
-                                  else ["db outage", "redis outage"])
+                if not cycle:  # each kind once per cycle, in random order (kills only before the calm part)
+                    cycle = rng.sample(["kill -9", "db outage", "redis outage"], 3)
+                kind = cycle.pop()
+                if kind == "kill -9" and time.monotonic() - t0 >= SECONDS - calm:
+                    continue
                 if kind == "kill -9":  # once it is scoring (a worker still starting up would be a cheap kill)
                     before = count()
                     wait_for(lambda b=before, w=worker: count() > b or w.poll() is not None, 120, "the worker scoring")
