@@ -149,9 +149,13 @@ class Champion:
             try:
                 new = self._load()
                 new.row_explainer  # noqa: B018 - build its one-row SHAP tables here, not in the first request
-            except Exception as e:  # noqa: BLE001 - keep serving the old model, retry on the next change
-                self.error = f"{type(e).__name__}: {e}"
-                log.warning("champion not loaded: %s", self.error)
+            except Exception as e:  # noqa: BLE001 - keep serving the old model, retry at the next check
+                from fraud_detection.registry import load_error
+                error = load_error(e)
+                if error != self.error:  # once per new failure, not at every check
+                    log.error("champion not loaded, serving %s: %s", self.scorer.version if self.scorer else "nothing",
+                              error)
+                self.error = error
                 return False
             self._sig, self.error = sig, None
             if self.scorer is not None and new.version == self.scorer.version:

@@ -23,8 +23,8 @@ from .core import get_settings
 from .model import LABEL, Scorer, frame_fingerprint
 
 # %% auto #0
-__all__ = ['ALIASES', 'GATE_METRIC', 'registry_root', 'versions', 'aliases', 'resolve', 'read_meta', 'load', 'write_json_atomic',
-           'register', 'set_alias', 'promote_if_better', 'decisions']
+__all__ = ['ALIASES', 'GATE_METRIC', 'registry_root', 'versions', 'aliases', 'resolve', 'read_meta', 'load', 'load_error',
+           'write_json_atomic', 'register', 'set_alias', 'promote_if_better', 'decisions']
 
 # %% ../nbs/31_registry.ipynb #072d4dc7
 ALIASES = ("champion", "challenger")
@@ -63,6 +63,14 @@ def load(ref: str = "champion",  # alias or version
         ) -> Scorer:
     "Load a registered model as a `Scorer` (once per process: the stream worker and the API keep it)."
     return Scorer.from_dir(registry_root(root) / resolve(ref, root), nthread=nthread)
+
+# %% ../nbs/31_registry.ipynb #1f26fc9c
+_XGB_STAMP = re.compile(r"^\[\d{2}:\d{2}:\d{2}\] ")
+
+def load_error(e: BaseException) -> str:
+    "A short, stable description of a failed model load: type and first line (XGBoost's clock stamp removed)."
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {_XGB_STAMP.sub('', first)}"[:300]
 
 # %% ../nbs/31_registry.ipynb #b54a71b4
 def _fsync_dir(path: Path) -> None:

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -44,8 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'Explain', 'STEPS', 'ParsedBatch', 'parse_batch', 'load_merchant_risk', 'MerchantRisk', 'StateCache', 'triage',
-           'scored_trans_nums', 'prediction_rows', 'prediction_messages', 'Models', 'WorkerStats', 'StreamWorker',
+__all__ = ['log', 'Explain', 'STEPS', 'STORE_TIMEOUT_S', 'ParsedBatch', 'parse_batch', 'load_merchant_risk', 'MerchantRisk',
+           'StateCache', 'triage', 'scored_trans_nums', 'prediction_rows', 'prediction_messages', 'RowError',
+           'isolate_features', 'isolate_scores', 'Models', 'WorkerStats', 'StreamWorker', 'retry_until_done',
            'run_worker', 'main']
 
 # %% ../nbs/42_worker.ipynb #6fbba047
@@ -197,25 +199,116 @@ def prediction_messages(rows: pl.DataFrame,  # from `prediction_rows`
                       alert=pl.col("decision") != "approve")
     return out["key"].to_list(), out["value"].to_list(), out["alert"].to_list()
 
+# %% ../nbs/42_worker.ipynb #7bc2ac0e
+class RowError(Exception):
+    "Features or scoring raised; `code` names the step (`feature_error`, `model_error`)."
+    def __init__(self, code: str, error: BaseException):
+        super().__init__(f"{code}: {type(error).__name__}: {error}"[:500])
+        self.code, self.reason = code, str(self)
+
+def _reason(e: Exception) -> str:
+    return e.reason if isinstance(e, RowError) else f"error: {type(e).__name__}: {e}"[:500]
+
+def _tries(fn: Callable[[], Any], retries: int, what: str) -> tuple[bool, Any]:
+    "(True, fn()) or, if it raised `retries` + 1 times, (False, None)."
+    for attempt in range(retries + 1):
+        try:
+            return True, fn()
+        except Exception as e:  # noqa: BLE001 - retried, then isolated
+            log.warning("%s failed (attempt %d of %d): %s", what, attempt + 1, retries + 1, _reason(e))
+    return False, None
+
+def _one_by_one(features, state, todo, bad) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
+    "One customer's transactions one at a time in event order, the state carried from each success."
+    st, out = state.join(todo.select("customer_id").unique(), on="customer_id", how="semi"), []
+    for row in todo.sort("ts", "trans_num").iter_slices(1):
+        try:
+            feats, st = features(st, row)
+        except Exception as e:  # noqa: BLE001 - this row is to blame, whatever it raised
+            bad.append((row["_i"][0], _reason(e)))
+            continue
+        out.append(feats)
+    return [(pl.concat(out), st)] if out else []
+
+def _by_customer(features, state, todo, bad) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
+    "Results of the parts of `todo` that compute: halves by customer, then one customer's rows one by one."
+    customers = todo["customer_id"].unique(maintain_order=True)
+    if customers.len() == 1:
+        return _one_by_one(features, state, todo, bad)
+    half = pl.col("customer_id").is_in(customers[: customers.len() // 2].to_list())
+    out = []
+    for part in (todo.filter(half), todo.filter(~half)):
+        try:
+            out.append(features(state, part))
+        except Exception:  # noqa: BLE001 - some row of this part is to blame
+            out += _by_customer(features, state, part, bad)
+    return out
+
+# %% ../nbs/42_worker.ipynb #ad52f596
+def isolate_features(features: Callable[[pl.DataFrame, pl.DataFrame], tuple[pl.DataFrame, pl.DataFrame]],  # (state, transactions) → (feature rows, new state); may raise
+                     state: pl.DataFrame,  # state rows of the transactions' customers
+                     todo: pl.DataFrame,  # transactions (clean columns + `_i`), not empty
+                     retries: int = 1,  # whole-batch retries before looking for the rows to blame
+                    ) -> tuple[pl.DataFrame, pl.DataFrame, list[tuple[int, str]]]:
+    "(feature rows, new state, [(`_i`, reason)] of the rows that make `features` raise, left out of both)."
+    ok, got = _tries(lambda: features(state, todo), retries, f"features of {todo.height} transactions")
+    if ok:
+        return *got, []
+    bad: list[tuple[int, str]] = []
+    parts = _by_customer(features, state, todo, bad)
+    log.warning("features: %d of %d transactions isolated as failing", len(bad), todo.height)
+    if not parts:
+        return todo.clear(), empty_state(), bad
+    return pl.concat([p[0] for p in parts]), pl.concat([p[1] for p in parts]), bad
+
+def _by_rows(score, feats, bad) -> list[pl.DataFrame]:
+    "Results rows of the halves of `feats` that score, down to single rows."
+    try:
+        return [score(feats)]
+    except Exception as e:  # noqa: BLE001 - some row is to blame
+        if feats.height == 1:
+            bad.append((feats["_i"][0], _reason(e)))
+            return []
+    return [*_by_rows(score, feats.head(feats.height // 2), bad), *_by_rows(score, feats.slice(feats.height // 2), bad)]
+
+def isolate_scores(score: Callable[[pl.DataFrame], pl.DataFrame],  # feature rows → results rows; may raise
+                   feats: pl.DataFrame,  # feature rows (+ `_i`), not empty
+                   retries: int = 1,  # whole-batch retries before looking for the rows to blame
+                  ) -> tuple[pl.DataFrame | None, list[tuple[int, str]]]:
+    "(results rows or None, [(`_i`, reason)] of the rows that make `score` raise): halves down to single rows."
+    ok, rows = _tries(lambda: score(feats), retries, f"scoring of {feats.height} transactions")
+    if ok:
+        return rows, []
+    bad: list[tuple[int, str]] = []
+    parts = _by_rows(score, feats, bad)
+    log.warning("scoring: %d of %d transactions isolated as failing", len(bad), feats.height)
+    return (pl.concat(parts) if parts else None), bad
+
 # %% ../nbs/42_worker.ipynb #27f567ac
 class Models:
-    "The registry's champion and (optional) challenger, reloaded when the aliases change."
+    "The registry's champion and (optional) challenger, reloaded when the aliases change; kept if a reload fails."
     def __init__(self, root: Path | None = None,  # registry folder (default: settings)
                  nthread: int = 1):  # prediction threads per model
         self.root, self.nthread, self.aliases = root, nthread, None
         self.champion: Scorer | None = None
         self.challenger: Scorer | None = None
+        self.error: str | None = None  # why the last reload failed (None: the aliases' models are loaded)
         self.refresh()
 
     def refresh(self) -> bool:
-        "Reload if the aliases changed since the last load; True if they did. LookupError without a champion."
-        from fraud_detection.registry import aliases, load
-        now = aliases(self.root)
-        if now == self.aliases:
-            return False
-        self.champion = load("champion", self.root, nthread=self.nthread)
-        self.challenger = load("challenger", self.root, nthread=self.nthread) if now.get("challenger") else None
-        self.aliases = now
+        "Reload if the aliases changed since the last load; True if they did. Raises (models kept) if loading fails."
+        from fraud_detection.registry import aliases, load, load_error
+        try:
+            now = aliases(self.root)
+            if now == self.aliases:
+                self.error = None
+                return False
+            champion = load("champion", self.root, nthread=self.nthread)
+            challenger = load("challenger", self.root, nthread=self.nthread) if now.get("challenger") else None
+        except Exception as e:
+            self.error = load_error(e)
+            raise
+        self.champion, self.challenger, self.aliases, self.error = champion, challenger, now, None
         log.info("models: champion %s, challenger %s", self.champion.version,
                  self.challenger.version if self.challenger else "none")
         return True
@@ -228,10 +321,17 @@ class WorkerStats:
     messages: int = 0  # consumed from the topic (valid or not)
     scored: int = 0  # written to the results table by this worker
     duplicates: int = 0  # already fully processed (redeliveries, repeated messages)
-    dlq: int = 0  # sent to the dead-letter topic (malformed or stale)
+    dlq: int = 0  # sent to the dead-letter topic (malformed, stale, or failing features/scoring)
+    dlq_reasons: dict[str, int] = field(default_factory=dict)  # of which per reason code (bad_json, stale, model_error...)
     stale: int = 0  # of which stale (older than the customer's state, never scored)
     batches: int = 0
     commits_refused: int = 0  # commits the group refused (rebalance): the batch is redone elsewhere
+    retries: int = 0  # failed attempts at a batch (a dependency down: database, online store, broker), each retried
+    outages: int = 0  # spells of failed attempts, each ended by a success (or the stop)
+    outage_seconds: float = 0.0  # wall time of those spells (backing off included)
+    last_error: str | None = None  # the last failure of a dependency
+    model_version: str | None = None  # the champion scoring now
+    model_error: str | None = None  # why the last model reload failed (the worker kept its models), None if it did not
     seconds: float = 0.0  # wall time spent processing batches
     first_batch: float | None = None  # perf_counter at the start of the first batch
     last_batch: float | None = None  # perf_counter at the end of the last batch
@@ -253,8 +353,11 @@ class WorkerStats:
     def summary(self) -> dict[str, Any]:
         "Plain-JSON summary."
         return {"worker_id": self.worker_id, "messages": self.messages, "scored": self.scored,
-                "duplicates": self.duplicates, "dlq": self.dlq, "stale": self.stale, "batches": self.batches,
-                "commits_refused": self.commits_refused, "seconds": round(self.seconds, 3),
+                "duplicates": self.duplicates, "dlq": self.dlq, "dlq_reasons": dict(sorted(self.dlq_reasons.items())),
+                "stale": self.stale, "batches": self.batches, "commits_refused": self.commits_refused,
+                "retries": self.retries, "outages": self.outages, "outage_seconds": round(self.outage_seconds, 1),
+                "last_error": self.last_error, "model_version": self.model_version, "model_error": self.model_error,
+                "seconds": round(self.seconds, 3),
                 "throughput": round(self.throughput, 1), "partitions": sorted(self.partitions), "assigned": self.assigned,
                 "freshness_p50_ms": self.freshness(50), "freshness_p99_ms": self.freshness(99),
                 "stages": {k: round(v, 3) for k, v in self.stages.items()}}
@@ -290,14 +393,17 @@ class StreamWorker:
                  worker_id: str | None = None,  # name in logs and worker_stats (default: host-pid)
                  flush_timeout: float = 30.0,  # seconds to wait for the broker to acknowledge a batch's messages
                  crash_after: tuple[str, int] | None = None,  # fault injection for tests: SIGKILL self after (step, batch no.)
+                 retries: int = 1,  # whole-batch retries of features + scoring before isolating the failing rows
+                 stats: WorkerStats | None = None,  # counters to continue (default: new ones)
                 ):
         self.consumer, self.producer, self.store, self.engine = consumer, producer, store, engine
         self.models, self.merchant_risk, self.explain, self.top_k = models, merchant_risk, explain, top_k
-        self.flush_timeout, self.crash_after = flush_timeout, crash_after
-        self.stats = WorkerStats(worker_id or f"{socket.gethostname()}-{os.getpid()}")
+        self.flush_timeout, self.crash_after, self.retries = flush_timeout, crash_after, retries
+        self.stats = stats or WorkerStats(worker_id or f"{socket.gethostname()}-{os.getpid()}")
         self.cache = StateCache(lambda ids: read_state(store, ids))
         self.assigned_at: float | None = None  # monotonic time of the last assignment (None: not joined yet)
         self._errors: list[str] = []
+        self._carried: tuple[tuple | None, int] = (None, 0)  # (batch, rows written) of a batch whose attempt failed
         self._time = _Timer(self.stats.stages)
 
     # partition changes: the cache is only valid while this worker owns the partitions it was filled from
@@ -332,6 +438,8 @@ class StreamWorker:
         t0, tm, st = time.perf_counter(), self._time, self.stats
         if st.first_batch is None:
             st.first_batch = t0
+        batch_id = (msgs[0].partition(), msgs[0].offset(), len(msgs))  # this batch (retried as is if a step fails)
+        carried = self._carried[1] if self._carried[0] == batch_id else 0  # rows written by failed attempts at it
         with tm("parse"):
             parsed = parse_batch(msgs)
         with tm("state_read"):
@@ -343,13 +451,14 @@ class StreamWorker:
             stale = batch.filter(pl.col("_applied") & ~pl.col("_scored"))
         rejects = parsed.rejects + [(i, f"stale: {tn} at {ts.isoformat()} is not after its customer's last applied "
                                         "transaction") for i, tn, ts in stale.select("_i", "trans_num", "ts").iter_rows()]
-        with tm("features"):
-            risk = self.merchant_risk.current()
-            feats, new_state = incremental_features(state, todo, risk) if todo.height else (todo, empty_state())
+        with tm("features"):  # rows that make features or scoring raise: to the DLQ (see `isolate_features`)
+            features = partial(self._features, risk=self.merchant_risk.current())
+            feats, new_state, failed = isolate_features(features, state, todo, self.retries) if todo.height else \
+                (todo, empty_state(), [])
             feats = feats.filter(~pl.col("_scored"))
         with tm("score"):
-            m = self.models
-            rows = prediction_rows(feats, m.champion, m.challenger, self.explain, self.top_k) if feats.height else None
+            rows, refused = isolate_scores(self._score, feats, self.retries) if feats.height else (None, [])
+        rejects += failed + refused
         with tm("publish"):
             self._errors.clear()
             for i, reason in rejects:
@@ -368,6 +477,7 @@ class StreamWorker:
         self._checkpoint("publish")
         with tm("write"):
             written = write_predictions(self.engine, rows) if rows is not None else 0
+            self._carried = (batch_id, carried + written)  # if a later step fails, the retry finds these rows done
         self._checkpoint("write")
         with tm("push"):
             if new_state.height:
@@ -383,14 +493,34 @@ class StreamWorker:
         self._checkpoint("commit")
         st.batches += 1
         st.messages += len(msgs)
-        st.scored += written
+        st.scored += carried + written
+        self._carried = (None, 0)
         st.dlq += len(rejects)
+        for _, reason in rejects:
+            code = reason.split(":", 1)[0]
+            st.dlq_reasons[code] = st.dlq_reasons.get(code, 0) + 1
         st.stale += stale.height
-        st.duplicates += parsed.frame.height - stale.height - feats.height  # everything valid, not stale, not new
+        st.model_version = self.models.champion.version
+        st.duplicates += parsed.frame.height - stale.height - feats.height - len(failed) - carried  # the rest
         if rows is not None:
             st.freshness_ms.extend(rows["latency_ms"].drop_nulls().to_list())
         st.last_batch = time.perf_counter()
         st.seconds += st.last_batch - t0
+
+    def _features(self, state: pl.DataFrame, todo: pl.DataFrame, risk: pl.DataFrame | None,
+                 ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        "(feature rows, new state) of transactions; RowError('feature_error') if the feature code raises."
+        try:
+            return incremental_features(state, todo, risk)
+        except Exception as e:
+            raise RowError("feature_error", e) from e
+
+    def _score(self, feats: pl.DataFrame) -> pl.DataFrame:
+        "Results rows of feature rows; RowError('model_error') if a model raises."
+        try:
+            return prediction_rows(feats, self.models.champion, self.models.challenger, self.explain, self.top_k)
+        except Exception as e:
+            raise RowError("model_error", e) from e
 
     def _produce(self, topic: str, key: bytes, value: bytes) -> None:
         while True:
@@ -412,6 +542,49 @@ class StreamWorker:
             self.cache.clear()
             log.warning("%s: commit refused (%s): another member redoes the batch", self.stats.worker_id,
                         e.args[0].name())
+
+# %% ../nbs/42_worker.ipynb #95180b5b
+def _fatal(e: Exception) -> bool:
+    "A Kafka client error that no retry can mend (the client must be recreated)."
+    from confluent_kafka import KafkaException
+    return isinstance(e, KafkaException) and bool(e.args) and hasattr(e.args[0], "fatal") and e.args[0].fatal()
+
+def retry_until_done(fn: Callable[[], Any],  # the work: a batch, a start-up step
+                     stats: WorkerStats,  # counts retries, outages and their seconds, keeps the last error
+                     stop: threading.Event,  # set: stop waiting (returns False)
+                     what: str = "batch",  # named in the log
+                     first: float = 0.5,  # seconds before the first retry; doubled after each failure...
+                     most: float = 5.0,  # ...up to this (bounded backoff: no busy loop, resumes soon after)
+                     on_error: Callable[[], None] | None = None,  # after each failure (e.g. forget the cache)
+                    ) -> bool:
+    "Run `fn` until it succeeds, pausing with bounded backoff between failures; False if stopped before it did."
+    delay, t0, attempt = first, None, 0
+    try:
+        while True:
+            try:
+                fn()
+                if t0 is not None:
+                    log.warning("%s: %s succeeded again after %.1f s", stats.worker_id, what, time.monotonic() - t0)
+                return True
+            except Exception as e:
+                if _fatal(e):
+                    raise
+                stats.retries += 1
+                attempt += 1
+                stats.last_error = f"{type(e).__name__}: {e}"[:500]
+                if t0 is None:
+                    t0 = time.monotonic()
+                    stats.outages += 1
+                log.error("%s: %s failed (attempt %d of this outage), retrying in %.1f s: %s", stats.worker_id, what,
+                          attempt, delay, stats.last_error)
+                if on_error is not None:
+                    on_error()
+            if stop.wait(delay):
+                return False
+            delay = min(2 * delay, most)
+    finally:
+        if t0 is not None:
+            stats.outage_seconds += time.monotonic() - t0
 
 # %% ../nbs/42_worker.ipynb #34055c25
 def _lag(consumer: Consumer) -> int | None:
@@ -438,6 +611,8 @@ def _crash_after() -> tuple[str, int] | None:
         raise ValueError(f"FRAUD_WORKER_CRASH_AFTER: step must be one of {STEPS}, got {step!r}")
     return step, int(n)
 
+STORE_TIMEOUT_S = 10.0  # the worker's online-store deadline (the YAML's 50 ms is the API's per-request budget)
+
 def run_worker(settings: Settings | None = None,  # default: get_settings()
                *,
                max_messages: int | None = None,  # stop after this many messages (None: run until stopped)
@@ -448,6 +623,7 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
                explain: Explain = "flagged",  # which rows get SHAP reasons (see `prediction_rows`)
                stats_every: float = 5.0,  # seconds between worker_stats rows (and model refresh checks)
                worker_id: str | None = None,  # default: host-pid
+               stats: WorkerStats | None = None,  # counters to fill while running (default: new ones; returned)
               ) -> WorkerStats:
     "Run one stream worker of the consumer group until stopped; returns what it did."
     from confluent_kafka import Consumer, KafkaException, Producer
@@ -455,19 +631,20 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
     stop = stop_event or threading.Event()
     wait_for_broker(s.bootstrap_servers, timeout=30.0)
     ensure_topics(s.bootstrap_servers, ALL_TOPICS, s.topic_partitions)
+    wid = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    st = stats or WorkerStats(wid)
     engine = get_engine(s.database_url)
-    create_tables(engine)
-    store = get_store(s)
+    if not retry_until_done(lambda: create_tables(engine), st, stop, "opening the results database"):
+        return st
+    store = get_store(s, timeout=STORE_TIMEOUT_S)
     if CUSTOMER_VIEW not in {v.name for v in store.list_feature_views()}:
         apply(store)  # no batch run yet: register the definitions so pushes have a place to go
     models = Models(s.data / "registry")
-    wid = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     quiet = {"client_id": wid, "log_connection_close": False}  # a broker going away is logged by errors, not noise
     consumer = Consumer(consumer_config(s.bootstrap_servers, s.consumer_group, **quiet))
     producer = Producer(producer_config(s.bootstrap_servers, **quiet))
     worker = StreamWorker(consumer, producer, store, engine, models, MerchantRisk(s.data / MERCHANT_RISK_OFFLINE),
-                          explain=explain, worker_id=wid, crash_after=_crash_after())
-    st = worker.stats
+                          explain=explain, worker_id=wid, crash_after=_crash_after(), stats=st)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -491,20 +668,21 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
                 else:
                     log.warning("%s: consumer: %s", wid, m.error())
             now = time.monotonic()
-            if msgs:
-                worker.process(msgs)
-                last_msg = now
+            if msgs:  # a dependency down: pause and retry the same batch (nothing committed, nothing lost)
+                if not retry_until_done(partial(worker.process, msgs), st, stop, "batch", on_error=worker.cache.clear):
+                    break
+                last_msg = now = time.monotonic()
             elif (idle_exit is not None and worker.assigned_at is not None
                   and now - max(last_msg, worker.assigned_at) >= idle_exit):
                 log.info("%s: idle for %.1f s, stopping", wid, idle_exit)
                 break
             if now - last_report >= stats_every:
-                reported = _report(worker, engine, reported, now - last_report)
-                last_report = now
                 try:
-                    models.refresh()
-                except (LookupError, OSError, ValueError) as e:  # a broken registry must not stop the stream
-                    log.warning("%s: keeping champion %s: %s", wid, models.champion.version, e)
+                    reported = _report(worker, engine, reported, now - last_report)
+                except Exception as e:  # noqa: BLE001 - statistics wait for the database; the stream does not
+                    log.warning("%s: worker_stats row not written: %s", wid, e)
+                last_report = now
+                _refresh_models(models, st)
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
@@ -514,10 +692,20 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
         if st.messages > reported[0]:
             try:
                 _report(worker, engine, reported, time.monotonic() - last_report, lag=False)
-            except sa.exc.SQLAlchemyError as e:  # do not hide why the loop ended
+            except Exception as e:  # noqa: BLE001 - do not hide why the loop ended
                 log.warning("%s: last worker_stats row not written: %s", wid, e)
     log.info("%s: stopped: %s", wid, json.dumps(st.summary()))
     return st
+
+def _refresh_models(models: Models, st: WorkerStats) -> None:
+    "Load a newly promoted champion/challenger; a failed load keeps the models (logged once per new error)."
+    try:
+        models.refresh()
+    except Exception:  # noqa: BLE001 - a broken registry or model file must not stop the stream
+        if models.error != st.model_error:
+            log.error("%s: model reload failed, keeping champion %s: %s", st.worker_id, models.champion.version,
+                      models.error)
+    st.model_version, st.model_error = models.champion.version, models.error
 
 def _report(worker: StreamWorker, engine: Engine, reported: tuple[int, int], seconds: float,
             lag: bool = True) -> tuple[int, int]:
