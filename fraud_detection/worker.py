@@ -32,7 +32,7 @@ from .feature_store import (
     CUSTOMER_VIEW, MERCHANT_RISK_OFFLINE, apply, get_store, push_state, read_offline_merchant_risk, read_state)
 from .features import empty_state, incremental_features, merge_state
 from .results import create_tables, get_engine, predictions, write_predictions, write_worker_stats
-from .schema import InvalidMessage, decode_transaction, to_frame
+from .schema import decode_batch
 
 if TYPE_CHECKING:
     from confluent_kafka import Consumer, Message, Producer
@@ -49,7 +49,8 @@ __all__ = ['log', 'Explain', 'STEPS', 'ParsedBatch', 'parse_batch', 'load_mercha
            'run_worker', 'main']
 
 # %% ../nbs/42_worker.ipynb #6fbba047
-_META = {"_i": pl.Int64, "_partition": pl.Int32, "_offset": pl.Int64, "_kafka_ms": pl.Int64}
+_META_KAFKA = {"_partition": pl.Int32, "_offset": pl.Int64, "_kafka_ms": pl.Int64}
+_META = {"_i": pl.Int64, **_META_KAFKA}
 
 @dataclass
 class ParsedBatch:
@@ -59,18 +60,12 @@ class ParsedBatch:
 
 def parse_batch(msgs: list[Message],  # messages of the `transactions` topic (no error messages)
                ) -> ParsedBatch:
-    "Validate every message with `decode_transaction`: valid ones as a clean frame, the others with their reason."
-    txs, meta, rejects = [], [], []
-    for i, m in enumerate(msgs):
-        try:
-            tx = decode_transaction(m.value(), m.headers())
-        except InvalidMessage as e:
-            rejects.append((i, e.reason))
-            continue
-        kind, ms = m.timestamp()
-        txs.append(tx)
-        meta.append((i, m.partition(), m.offset(), ms if kind else None))  # kind 0: no timestamp
-    return ParsedBatch(to_frame(txs).hstack(pl.DataFrame(meta, schema=_META, orient="row")), rejects)
+    "Validate the batch with `decode_batch` (reasons as `decode_transaction` gives them): valid ones as a clean frame."
+    frame, rejects = decode_batch([m.value() for m in msgs], [m.headers() for m in msgs])
+    stamps = [m.timestamp() for m in msgs]  # (kind, ms); kind 0: no timestamp
+    meta = pl.DataFrame({"_partition": [m.partition() for m in msgs], "_offset": [m.offset() for m in msgs],
+                         "_kafka_ms": [ms if kind else None for kind, ms in stamps]}, schema=_META_KAFKA)
+    return ParsedBatch(frame.hstack(meta.select(pl.all().gather(frame["_i"]))), rejects)
 
 # %% ../nbs/42_worker.ipynb #c8b4d47b
 def load_merchant_risk(path: Path | str,  # the `merchant_risk` view's offline parquet (feature_store.MERCHANT_RISK_OFFLINE)
