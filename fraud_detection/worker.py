@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'Explain', 'STEPS', 'ParsedBatch', 'parse_batch', 'load_merchant_risk', 'MerchantRisk', 'StateCache', 'triage',
-           'scored_trans_nums', 'prediction_rows', 'prediction_messages', 'Models', 'WorkerStats', 'StreamWorker',
-           'run_worker', 'main']
+           'scored_trans_nums', 'prediction_rows', 'prediction_messages', 'publish_predictions', 'Models',
+           'WorkerStats', 'StreamWorker', 'run_worker', 'main']
 
 # %% ../nbs/42_worker.ipynb #6fbba047
 _META_KAFKA = {"_partition": pl.Int32, "_offset": pl.Int64, "_kafka_ms": pl.Int64}
@@ -191,6 +191,25 @@ def prediction_messages(rows: pl.DataFrame,  # from `prediction_rows`
     out = rows.select(key=pl.col("trans_num").cast(pl.Binary), value=value.cast(pl.Binary),
                       alert=pl.col("decision") != "approve")
     return out["key"].to_list(), out["value"].to_list(), out["alert"].to_list()
+
+def publish_predictions(producer: Producer,  # the worker's idempotent producer
+                        rows: pl.DataFrame,  # from `prediction_rows`
+                        on_delivery: Callable,  # delivery callback (err, msg), as for `Producer.produce`
+                       ) -> None:
+    "Queue every row on `predictions`, the non-approved ones also on `alerts`: one `produce_batch` per topic."
+    from confluent_kafka import KafkaError, KafkaException
+    keys, values, alerts = prediction_messages(rows)
+    for topic, pairs in ((TOPIC_PREDICTIONS, zip(keys, values, strict=True)),
+                         (TOPIC_ALERTS, ((k, v) for k, v, a in zip(keys, values, alerts, strict=True) if a))):
+        msgs = [{"key": k, "value": v} for k, v in pairs]
+        while msgs:
+            producer.produce_batch(topic, msgs, on_delivery=on_delivery)
+            failed = [m for m in msgs if "_error" in m]  # not queued: the client marks them
+            if other := [m["_error"] for m in failed if m["_error"].code() != KafkaError._QUEUE_FULL]:
+                raise KafkaException(other[0])  # as `produce` raises it: the batch is not committed
+            msgs = [{"key": m["key"], "value": m["value"]} for m in failed]
+            if msgs:
+                producer.poll(0.05)  # the client's queue is full: let deliveries drain, then queue the rest
 
 # %% ../nbs/42_worker.ipynb #27f567ac
 class Models:
@@ -352,10 +371,7 @@ class StreamWorker:
                 send_to_dlq(self.producer, r.value(), reason, r.topic(), r.partition(), r.offset(), key=r.key(),
                             on_delivery=self._delivered)
             if rows is not None:
-                for key, value, alert in zip(*prediction_messages(rows), strict=True):
-                    self._produce(TOPIC_PREDICTIONS, key, value)
-                    if alert:
-                        self._produce(TOPIC_ALERTS, key, value)
+                publish_predictions(self.producer, rows, self._delivered)
             left = self.producer.flush(self.flush_timeout)
             if left or self._errors:
                 raise RuntimeError(f"{left} messages unacknowledged, {len(self._errors)} failed "
