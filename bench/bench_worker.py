@@ -49,7 +49,7 @@ from fraud_detection.broker import (  # noqa: E402
 )
 from fraud_detection.producer import replay  # noqa: E402
 from fraud_detection.schema import decode_transaction, frame_to_messages, message_headers  # noqa: E402
-from fraud_detection.worker import run_worker  # noqa: E402
+from fraud_detection.worker import StreamWorker, run_worker  # noqa: E402
 
 
 @contextmanager
@@ -58,6 +58,24 @@ def broker():
     with EmbeddedBroker() as b:
         ensure_topics(b.bootstrap, ALL_TOPICS, partitions=4)
         yield b.bootstrap
+
+
+@contextmanager
+def cpu_of_batches():
+    "A list that receives the CPU time (all threads of this process) of each `StreamWorker.process` call."
+    spent, process = [], StreamWorker.process
+
+    def timed(self, msgs):
+        t = time.process_time()
+        try:
+            return process(self, msgs)
+        finally:
+            spent.append(time.process_time() - t)
+    StreamWorker.process = timed
+    try:
+        yield spent
+    finally:
+        StreamWorker.process = process
 
 
 def results_db(kind: str, work: Path, postgres_url: str):
@@ -81,11 +99,11 @@ def throughput_run(base: Path, work: Path, bootstrap: str, test, run: int, expla
     print(f"  produced {test.height:,} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     out = {"raw": measure_consume_rate(bootstrap, TOPIC_TRANSACTIONS, test.height)}
     for kind in dbs:
-        with results_db(kind, work / kind, postgres_url) as url:
+        with results_db(kind, work / kind, postgres_url) as url, cpu_of_batches() as cpu:
             st = worker_run(base, work / kind, bootstrap, f"tput-{run}-{kind}", explain, url, max_messages=test.height)
         assert st.scored == test.height, st.summary()
         out[kind] = {"worker": st.throughput, "stages": dict(st.stages), "busy": st.seconds, "batches": st.batches,
-                     "messages": st.messages}
+                     "messages": st.messages, "cpu": sum(cpu)}
     return out
 
 
@@ -145,7 +163,8 @@ def report(kind: str, tput: list[dict], fresh: list[dict], a) -> dict:
     p99 = statistics.median(f["p99"] for f in fresh)
     res = {"worker_per_s": worker, "ratio": ratio, "stages_share": {k: v / busy for k, v in steps.items()},
            "stages_us_per_msg": {k: v / n * 1e6 for k, v in steps.items()},
-           "freshness_p50_ms": statistics.median(f["p50"] for f in fresh), "freshness_p99_ms": p99}
+           "freshness_p50_ms": statistics.median(f["p50"] for f in fresh), "freshness_p99_ms": p99,
+           "cpu_us_per_msg": sum(r[kind]["cpu"] for r in tput) / n * 1e6}
     goal = GOALS[kind]
     print(f"{kind}: worker throughput {worker:,.0f} tx/s = {ratio:.3f} x raw consume rate "
           f"(goal >= {goal:,} tx/s: {'met' if worker >= goal else 'NOT met'}); runs: "
@@ -153,6 +172,8 @@ def report(kind: str, tput: list[dict], fresh: list[dict], a) -> dict:
     print(f"{kind}: worker time by step (share of busy time, µs per message): "
           + ", ".join(f"{k} {steps[k] / busy:.0%} {res['stages_us_per_msg'][k]:.1f}"
                       for k in sorted(steps, key=lambda k: -steps[k])) + f"; total {busy / n * 1e6:.1f} µs/msg")
+    print(f"{kind}: CPU of the batches (all threads) {res['cpu_us_per_msg']:.1f} µs/msg = "
+          f"{1e6 / res['cpu_us_per_msg']:,.0f} msg per CPU-second (the worker's cost, whatever else the machine runs)")
     print(f"{kind}: freshness at {a.rate:,.0f} tx/s: p50 {res['freshness_p50_ms']:.0f} ms, p99 {p99:.0f} ms "
           f"(goal <= {FRESH_GOAL_MS} ms: {'met' if p99 <= FRESH_GOAL_MS else 'NOT met'})")
     return res
