@@ -47,6 +47,7 @@ def get_engine(url: str | None = None, # SQLAlchemy URL; default: settings.datab
         if not memory:
             cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA cache_size=-32768")  # 32 MiB (default 2): the indexes' hot pages stay cached as the table grows
         cur.close()
     return eng
 
