@@ -213,7 +213,8 @@ def _insert_sqlite(conn: sa.Connection, df: pl.DataFrame, cols: str) -> int:
     df = df.with_columns(pl.col(pl.Datetime).dt.to_string(_SQLITE_DATETIME))
     sql = (f"INSERT INTO {predictions.name} ({cols}) VALUES ({', '.join('?' * df.width)}) "
            "ON CONFLICT (trans_num) DO NOTHING")
-    return conn.exec_driver_sql(sql, df.rows()).rowcount
+    rows = zip(*(s.to_list() for s in df.iter_columns()), strict=True)  # a third less CPU than df.rows()
+    return conn.exec_driver_sql(sql, list(rows)).rowcount
 
 def _insert_postgres(conn: sa.Connection, df: pl.DataFrame, cols: str) -> int:
     "COPY the batch as CSV into a temporary table, then one INSERT … SELECT skipping known trans_nums."
