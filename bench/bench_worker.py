@@ -17,7 +17,10 @@ run, where the worker's time goes (share of busy time and µs per message, per s
 ≥ 25 k tx/s with SQLite, ≥ 20 k tx/s with PostgreSQL, freshness p99 ≤ 500 ms at 1,000 tx/s).
 
     .venv/bin/python bench/bench_worker.py [--scale demo] [--runs 3] [--rate 1000] [--explain flagged]
-                                           [--db sqlite,postgres] [--postgres-url postgresql+psycopg://...]
+                                           [--db sqlite,postgres] [--postgres-url postgresql+psycopg://...] [--no-freshness]
+
+It also prints the CPU time the worker's batches took per message (all threads of the process): unlike the
+wall-clock figures, it does not depend on what else the machine runs.
 """
 from __future__ import annotations
 
