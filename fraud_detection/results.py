@@ -47,6 +47,7 @@ def get_engine(url: str | None = None, # SQLAlchemy URL; default: settings.datab
         if not memory:
             cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA cache_size=-32768")  # 32 MiB (default 2): the indexes' hot pages stay cached as the table grows
         cur.close()
     return eng
 
@@ -152,11 +153,10 @@ def _naive_utc(v: Any) -> Any:
     "Aware datetimes → naive UTC; anything else unchanged."
     return v.astimezone(UTC).replace(tzinfo=None) if isinstance(v, datetime) and v.tzinfo else v
 
-def _prediction_rows(rows: pl.DataFrame | Iterable[dict]) -> list[dict]:
+def _prediction_rows(rows: Iterable[dict]) -> list[dict]:
     "Validated, DB-ready dicts, first occurrence per trans_num."
-    dicts = rows.to_dicts() if isinstance(rows, pl.DataFrame) else [dict(r) for r in rows]
     known, out, seen = set(predictions.c.keys()), [], set()
-    for r in dicts:
+    for r in map(dict, rows):
         if extra := set(r) - known:
             raise ValueError(f"unknown prediction columns: {sorted(extra)}")
         if r.get("decision") not in DECISIONS:
@@ -170,6 +170,31 @@ def _prediction_rows(rows: pl.DataFrame | Iterable[dict]) -> list[dict]:
         out.append({k: _plain(v) if isinstance(v, float) else v for k, v in r.items()})
     return out
 
+def _prediction_frame(rows: pl.DataFrame | Iterable[dict]) -> pl.DataFrame:
+    "The same rules column by column: first row per trans_num, nested values as JSON text, NaN → null, naive UTC."
+    df = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(_prediction_rows(rows), infer_schema_length=None)
+    if not df.height:
+        return df
+    if extra := set(df.columns) - set(predictions.c.keys()):
+        raise ValueError(f"unknown prediction columns: {sorted(extra)}")
+    bad = df.filter(~pl.col("decision").is_in(DECISIONS).fill_null(False)) if "decision" in df.columns else df
+    if bad.height:
+        first = bad.row(0, named=True)
+        raise ValueError(f"bad decision {first.get('decision')!r} for {first.get('trans_num')}")
+    df = df.unique("trans_num", keep="first", maintain_order=True)
+    fix = {}
+    for c, t in df.schema.items():
+        if c in ("reasons", "features") and t not in (pl.String, pl.Null):  # nested values: the dicts' JSON rules
+            fix[c] = pl.Series(c, [_to_json(v) for v in df[c].to_list()], dtype=pl.String)
+        elif isinstance(t, pl.Datetime) and t.time_zone is not None:
+            fix[c] = df[c].dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+        elif t.is_float():
+            fix[c] = df[c].fill_nan(None)
+    if "scored_at" not in df.columns:
+        fix["scored_at"] = pl.Series("scored_at", [_now()] * df.height, dtype=pl.Datetime("us"))
+    return df.with_columns(**fix)
+
+# %% ../nbs/45_results.ipynb #c3d9e4f1
 def _insert_ignore(engine: Engine, table: sa.Table):
     "Dialect-specific INSERT that skips rows whose primary key exists."
     dialect = engine.dialect.name
@@ -181,19 +206,41 @@ def _insert_ignore(engine: Engine, table: sa.Table):
         raise NotImplementedError(f"results store supports sqlite and postgresql, not {dialect}")
     return insert(table).on_conflict_do_nothing()
 
+_SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S%.6f"  # how SQLAlchemy's SQLite DateTime stores a value (text that sorts by time)
+
+def _insert_sqlite(conn: sa.Connection, df: pl.DataFrame, cols: str) -> int:
+    "One executemany of plain tuples, skipping known trans_nums; the number inserted."
+    df = df.with_columns(pl.col(pl.Datetime).dt.to_string(_SQLITE_DATETIME))
+    sql = (f"INSERT INTO {predictions.name} ({cols}) VALUES ({', '.join('?' * df.width)}) "
+           "ON CONFLICT (trans_num) DO NOTHING")
+    rows = zip(*(s.to_list() for s in df.iter_columns()), strict=True)  # a third less CPU than df.rows()
+    return conn.exec_driver_sql(sql, list(rows)).rowcount
+
+def _insert_postgres(conn: sa.Connection, df: pl.DataFrame, cols: str) -> int:
+    "COPY the batch as CSV into a temporary table, then one INSERT … SELECT skipping known trans_nums."
+    conn.exec_driver_sql(f"CREATE TEMP TABLE _batch ON COMMIT DROP AS SELECT {cols} FROM {predictions.name} WITH NO DATA")
+    csv = df.write_csv(include_header=False, null_value="", quote_style="non_numeric",  # NULL unquoted, '' quoted
+                       datetime_format=_SQLITE_DATETIME)
+    with conn.connection.dbapi_connection.cursor() as cur, cur.copy(f"COPY _batch ({cols}) FROM STDIN (FORMAT csv)") as cp:
+        cp.write(csv.encode())
+    return conn.exec_driver_sql(f"INSERT INTO {predictions.name} ({cols}) SELECT {cols} FROM _batch "
+                                "ON CONFLICT (trans_num) DO NOTHING").rowcount
+
 def write_predictions(engine: Engine, # from get_engine
                       rows: pl.DataFrame | Iterable[dict], # predictions columns; extra columns are an error
                      ) -> int:
     "Insert scored transactions in one transaction, skipping known `trans_num`s; returns the number inserted."
-    recs = _prediction_rows(rows)
-    if not recs:
+    df = _prediction_frame(rows)
+    if not df.height:
         return 0
-    # every row needs the same keys for one executemany: fill the missing ones with NULL
-    keys = sorted(set().union(*recs))
-    recs = [{k: r.get(k) for k in keys} for r in recs]
-    stmt = _insert_ignore(engine, predictions).returning(predictions.c.trans_num)
+    cols = ", ".join(engine.dialect.identifier_preparer.quote(c) for c in df.columns)
     with engine.begin() as conn:
-        return len(conn.execute(stmt, recs).all())
+        if engine.dialect.name == "sqlite":
+            return _insert_sqlite(conn, df, cols)
+        if engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg":
+            return _insert_postgres(conn, df, cols)
+        stmt = _insert_ignore(engine, predictions).returning(predictions.c.trans_num)  # another driver: row by row
+        return len(conn.execute(stmt, df.to_dicts()).all())
 
 # %% ../nbs/45_results.ipynb #f362442c
 def fake_predictions(n: int = 200, # rows

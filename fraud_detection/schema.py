@@ -6,16 +6,21 @@
 from __future__ import annotations
 
 from datetime import date, datetime, timedelta
-from typing import Any, Literal
+from functools import lru_cache
+from typing import Annotated, Any, Literal, get_args, get_origin
 
+import annotated_types as at
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, NaiveDatetime, ValidationError, model_validator
+from pydantic.types import AllowInfNan, Strict
 from pydantic_core import PydanticCustomError
 
 from .core import CATEGORIES, PII_COLUMNS, clean_schema
 
 # %% auto #0
 __all__ = ['SCHEMA_VERSION', 'SCHEMA_HEADER', 'Category', 'Transaction', 'InvalidMessage', 'message_headers',
-           'encode_transaction', 'decode_transaction', 'frame_to_messages', 'sample_transactions', 'to_frame']
+           'encode_transaction', 'decode_transaction', 'frame_to_messages', 'sample_transactions', 'to_frame',
+           'decode_batch']
 
 # %% ../nbs/03_schema.ipynb #cf0bc120
 SCHEMA_VERSION = "transactions/v1"  # value of the `schema` header on every `transactions` message
@@ -205,3 +210,79 @@ def to_frame(txs: list[Transaction]):
     import polars as pl
     schema = clean_schema()  # column-wise from attributes: ≈3x faster than rows of model_dump()
     return pl.DataFrame({f: [getattr(t, f) for t in txs] for f in schema}, schema=schema)
+
+# %% ../nbs/03_schema.ipynb #5f0c1a02
+_FROM_STRING = {"ts": "%Y-%m-%dT%H:%M:%S%.f", "dob": "%Y-%m-%d"}  # pydantic parses these fields from ISO strings
+_SHAPE = {"ts": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?$",
+          "dob": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}  # the common spelling; any other goes to pydantic
+_BOUNDS = (at.Gt, at.Ge, at.Lt, at.Le, at.MinLen, at.MaxLen)
+
+def _patterns() -> dict[str, str]:
+    "Regex of each field that has one (checked in polars: the same Rust regex crate as pydantic-core)."
+    return {n: m.pattern for n, f in Transaction.model_fields.items() for m in f.metadata if getattr(m, "pattern", None)}
+
+def _fast_type(name: str, field) -> Any:
+    "The msgspec type of one `Transaction` field: its type with the same bounds (ts, dob: plain strings)."
+    if name in _FROM_STRING:
+        return str
+    kw = {}
+    for m in field.metadata:
+        if isinstance(m, _BOUNDS):
+            kw.update({k: getattr(m, k) for k in ("gt", "ge", "lt", "le", "min_length", "max_length") if hasattr(m, k)})
+        elif not (isinstance(m, (Strict, AllowInfNan)) or getattr(m, "pattern", None)):
+            raise TypeError(f"decode_batch cannot translate {m!r} of Transaction.{name}")  # fail loudly, never skip
+    tp = field.annotation
+    base = [a for a in get_args(tp) if a is not type(None)] if get_args(tp) and get_origin(tp) is not Literal else [tp]
+    ann = Annotated[base[0], msgspec.Meta(**kw)] if kw else base[0]
+    return ann | None if type(None) in get_args(tp) else ann
+
+@lru_cache
+def _fast_decoder() -> msgspec.json.Decoder:
+    "msgspec decoder of a struct equivalent to `Transaction` field by field (unknown fields refused)."
+    fields = [(n, _fast_type(n, f)) if f.is_required() else (n, _fast_type(n, f), f.default)
+              for n, f in Transaction.model_fields.items()]
+    return msgspec.json.Decoder(msgspec.defstruct("FastTransaction", fields, forbid_unknown_fields=True))
+
+# %% ../nbs/03_schema.ipynb #5f0c1a03
+def _fast_checks(raw):  # polars frame of fast-decoded rows, ts and dob as strings
+    "Parse ts and dob, and flag `_ok`: shape, calendar, patterns and the age rule all pass (else pydantic decides)."
+    import polars as pl
+    ts = pl.col("ts").str.to_datetime(_FROM_STRING["ts"], time_unit="us", strict=False)
+    dob = pl.col("dob").str.to_date(_FROM_STRING["dob"], strict=False)
+    shape = [pl.col(c).str.contains(p) for c, p in _SHAPE.items()] + [pl.col(c).str.contains(p) for c, p in _patterns().items()]
+    df = raw.with_columns(ts=ts, dob=dob, _ok=pl.all_horizontal(shape))
+    t, d = pl.col("ts"), pl.col("dob")
+    younger = (t.dt.month().cast(pl.Int32) * 100 + t.dt.day()) < (d.dt.month().cast(pl.Int32) * 100 + d.dt.day())
+    age = t.dt.year() - d.dt.year() - younger.cast(pl.Int32)  # as in Transaction._age
+    ok = pl.col("_ok") & (t.dt.year() >= 1) & (d.dt.year() >= 1) & (d <= date.today()) & age.is_between(0, 120)
+    return df.with_columns(_ok=ok.fill_null(False)).cast(clean_schema())
+
+def decode_batch(
+    values: list[bytes | None],  # message values
+    headers: list,  # each message's headers (as for `decode_transaction`)
+) -> tuple[Any, list[tuple[int, str]]]:
+    "Valid messages as a clean polars frame (+ `_i`, their index), and (index, reason) of the others, as per message."
+    import polars as pl
+    dec, want, version = _fast_decoder(), message_headers(), SCHEMA_VERSION.encode()
+    fast, idx, slow = [], [], []
+    for i, (v, h) in enumerate(zip(values, headers, strict=True)):
+        if h == want or _header(h, SCHEMA_HEADER) == version:
+            try:
+                fast.append(msgspec.structs.astuple(dec.decode(v)))
+                idx.append(i)
+                continue
+            except (msgspec.DecodeError, TypeError):  # ValidationError is a DecodeError; None is a TypeError
+                pass
+        slow.append(i)
+    schema = {c: pl.String if c in _FROM_STRING else t for c, t in clean_schema().items()}
+    raw = pl.DataFrame(dict(zip(schema, map(list, zip(*fast, strict=True)), strict=True)) if fast else None, schema=schema)
+    df = _fast_checks(raw).with_columns(_i=pl.Series(idx, dtype=pl.Int64))
+    txs, tx_i, rejects = [], [], []
+    for i in sorted(slow + df.filter(~pl.col("_ok"))["_i"].to_list()):
+        try:
+            txs.append(decode_transaction(values[i], headers[i]))
+            tx_i.append(i)
+        except InvalidMessage as e:
+            rejects.append((i, e.reason))
+    frame = pl.concat([df.filter("_ok").drop("_ok"), to_frame(txs).with_columns(_i=pl.Series(tx_i, dtype=pl.Int64))])
+    return frame.sort("_i"), rejects

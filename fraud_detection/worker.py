@@ -33,7 +33,7 @@ from .feature_store import (
     CUSTOMER_VIEW, MERCHANT_RISK_OFFLINE, apply, get_store, push_state, read_offline_merchant_risk, read_state)
 from .features import empty_state, incremental_features, merge_state
 from .results import create_tables, get_engine, predictions, write_predictions, write_worker_stats
-from .schema import InvalidMessage, decode_transaction, to_frame
+from .schema import decode_batch
 
 if TYPE_CHECKING:
     from confluent_kafka import Consumer, Message, Producer
@@ -46,12 +46,13 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'Explain', 'STEPS', 'STORE_TIMEOUT_S', 'ParsedBatch', 'parse_batch', 'load_merchant_risk', 'MerchantRisk',
-           'StateCache', 'triage', 'scored_trans_nums', 'prediction_rows', 'prediction_messages', 'RowError',
-           'isolate_features', 'isolate_scores', 'Models', 'WorkerStats', 'StreamWorker', 'retry_until_done',
-           'run_worker', 'main']
+           'StateCache', 'triage', 'scored_trans_nums', 'prediction_rows', 'prediction_messages', 'publish_predictions',
+           'RowError', 'isolate_features', 'isolate_scores', 'Models', 'WorkerStats', 'StreamWorker',
+           'retry_until_done', 'run_worker', 'main']
 
 # %% ../nbs/42_worker.ipynb #6fbba047
-_META = {"_i": pl.Int64, "_partition": pl.Int32, "_offset": pl.Int64, "_kafka_ms": pl.Int64}
+_META_KAFKA = {"_partition": pl.Int32, "_offset": pl.Int64, "_kafka_ms": pl.Int64}
+_META = {"_i": pl.Int64, **_META_KAFKA}
 
 @dataclass
 class ParsedBatch:
@@ -61,18 +62,12 @@ class ParsedBatch:
 
 def parse_batch(msgs: list[Message],  # messages of the `transactions` topic (no error messages)
                ) -> ParsedBatch:
-    "Validate every message with `decode_transaction`: valid ones as a clean frame, the others with their reason."
-    txs, meta, rejects = [], [], []
-    for i, m in enumerate(msgs):
-        try:
-            tx = decode_transaction(m.value(), m.headers())
-        except InvalidMessage as e:
-            rejects.append((i, e.reason))
-            continue
-        kind, ms = m.timestamp()
-        txs.append(tx)
-        meta.append((i, m.partition(), m.offset(), ms if kind else None))  # kind 0: no timestamp
-    return ParsedBatch(to_frame(txs).hstack(pl.DataFrame(meta, schema=_META, orient="row")), rejects)
+    "Validate the batch with `decode_batch` (reasons as `decode_transaction` gives them): valid ones as a clean frame."
+    frame, rejects = decode_batch([m.value() for m in msgs], [m.headers() for m in msgs])
+    stamps = [m.timestamp() for m in msgs]  # (kind, ms); kind 0: no timestamp
+    meta = pl.DataFrame({"_partition": [m.partition() for m in msgs], "_offset": [m.offset() for m in msgs],
+                         "_kafka_ms": [ms if kind else None for kind, ms in stamps]}, schema=_META_KAFKA)
+    return ParsedBatch(frame.hstack(meta.select(pl.all().gather(frame["_i"]))), rejects)
 
 # %% ../nbs/42_worker.ipynb #c8b4d47b
 def load_merchant_risk(path: Path | str,  # the `merchant_risk` view's offline parquet (feature_store.MERCHANT_RISK_OFFLINE)
@@ -146,6 +141,9 @@ def scored_trans_nums(engine: Engine,  # results database (results.get_engine)
     found: set[str] = set()
     col = predictions.c.trans_num
     with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":  # one array parameter: ≈ 3× less time than 5,000 bound values
+            tns = sa.bindparam("tns", trans_nums, type_=sa.ARRAY(sa.String))
+            return set(conn.execute(sa.select(col).where(col == sa.any_(tns))).scalars())
         for lo in range(0, len(trans_nums), chunk):
             found.update(conn.execute(sa.select(col).where(col.in_(trans_nums[lo:lo + chunk]))).scalars())
     return found
@@ -198,6 +196,25 @@ def prediction_messages(rows: pl.DataFrame,  # from `prediction_rows`
     out = rows.select(key=pl.col("trans_num").cast(pl.Binary), value=value.cast(pl.Binary),
                       alert=pl.col("decision") != "approve")
     return out["key"].to_list(), out["value"].to_list(), out["alert"].to_list()
+
+def publish_predictions(producer: Producer,  # the worker's idempotent producer
+                        rows: pl.DataFrame,  # from `prediction_rows`
+                        on_delivery: Callable,  # delivery callback (err, msg), as for `Producer.produce`
+                       ) -> None:
+    "Queue every row on `predictions`, the non-approved ones also on `alerts`: one `produce_batch` per topic."
+    from confluent_kafka import KafkaError, KafkaException
+    keys, values, alerts = prediction_messages(rows)
+    for topic, pairs in ((TOPIC_PREDICTIONS, zip(keys, values, strict=True)),
+                         (TOPIC_ALERTS, ((k, v) for k, v, a in zip(keys, values, alerts, strict=True) if a))):
+        msgs = [{"key": k, "value": v} for k, v in pairs]
+        while msgs:
+            producer.produce_batch(topic, msgs, on_delivery=on_delivery)
+            failed = [m for m in msgs if "_error" in m]  # not queued: the client marks them
+            if other := [m["_error"] for m in failed if m["_error"].code() != KafkaError._QUEUE_FULL]:
+                raise KafkaException(other[0])  # as `produce` raises it: the batch is not committed
+            msgs = [{"key": m["key"], "value": m["value"]} for m in failed]
+            if msgs:
+                producer.poll(0.05)  # the client's queue is full: let deliveries drain, then queue the rest
 
 # %% ../nbs/42_worker.ipynb #7bc2ac0e
 class RowError(Exception):
@@ -466,10 +483,7 @@ class StreamWorker:
                 send_to_dlq(self.producer, r.value(), reason, r.topic(), r.partition(), r.offset(), key=r.key(),
                             on_delivery=self._delivered)
             if rows is not None:
-                for key, value, alert in zip(*prediction_messages(rows), strict=True):
-                    self._produce(TOPIC_PREDICTIONS, key, value)
-                    if alert:
-                        self._produce(TOPIC_ALERTS, key, value)
+                publish_predictions(self.producer, rows, self._delivered)
             left = self.producer.flush(self.flush_timeout)
             if left or self._errors:
                 raise RuntimeError(f"{left} messages unacknowledged, {len(self._errors)} failed "
