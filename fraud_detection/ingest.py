@@ -308,7 +308,7 @@ def _reason_counts(rejects: pl.DataFrame) -> Counter:
 
 def _sorted_across(bounds: list[tuple]) -> bool:
     "Whether chunks whose (first, last) sort keys are `bounds` are already in order one after the other."
-    return all(a[1] <= b[0] for a, b in zip(bounds, bounds[1:]))
+    return all(a[1] <= b[0] for a, b in zip(bounds, bounds[1:], strict=False))
 
 def ingest_file(path: Path,  # Kaggle CSV or simulator parquet
                 out_dir: Path,  # clean parquet goes here, rejects under out_dir/rejects

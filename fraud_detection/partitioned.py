@@ -18,8 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import xgboost as xgb
 
 from .features import MERCHANT_FEATURES, RISK_PRIOR_RATE, RISK_PSEUDO_COUNT, batch_features, state_from_history
+from .model import (
+    DEFAULT_PARAMS, LABEL, Scorer, choose_thresholds, fit_calibration, library_versions, to_matrix)
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +178,6 @@ def build_training_set(sources: Sequence[Path],  # clean parquet files (train.pa
 
 
 # %% ../nbs/12_partitioned.ipynb #4d80ae61
-import xgboost as xgb
-
-from .model import (DEFAULT_PARAMS, LABEL, Scorer, choose_thresholds, fit_calibration, library_versions,
-                    to_matrix)
-
 class ParquetBatches(xgb.DataIter):
     "Feature rows of parquet files matching a filter, one file per batch, for XGBoost's external-memory matrices."
     def __init__(self, files: Sequence[Path],  # parquet files with `features` and the label
