@@ -149,7 +149,7 @@ def bucketed_state(parts: Path | Sequence[Path],  # partition_clean's folder (or
 
 
 # %% ../nbs/12_partitioned.ipynb #d3f4a53e
-MANIFEST = "manifest.json"  # what a training-set folder holds
+MANIFEST = "_manifest.json"  # what a training-set folder holds ("_": Spark and Hadoop readers skip it)
 
 def build_training_set(sources: Sequence[Path],  # clean parquet files (train.parquet, test.parquet)
                        out: Path,  # training-set folder (replaced)
