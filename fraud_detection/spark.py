@@ -342,12 +342,15 @@ def spark_train(spark: SparkSession,  # from spark_session
     tr, va = c[False], c[True]
     p = {"max_depth": 6, "learning_rate": 0.1, "min_child_weight": 1.0, "subsample": 0.8, "colsample_bytree": 0.8,
          "reg_lambda": 1.0, "max_bin": 256, **(params or {})}
+    # one float array column (NaN = missing, as XGBoost's float32 input): xgboost.spark's list-of-columns input
+    # fails on a partition without training rows (KeyError 'values' in data.append_m, xgboost 3.2)
+    x = F.array(*[F.coalesce(F.col(f).cast("float"), F.lit(float("nan")).cast("float")) for f in features])
     clf = SparkXGBClassifier(
-        features_col=features, label_col=LABEL, validation_indicator_col="is_valid", num_workers=num_workers,
+        features_col="_x", label_col=LABEL, validation_indicator_col="is_valid", num_workers=num_workers,
         n_estimators=num_boost_round, early_stopping_rounds=early_stopping_rounds, eval_metric="aucpr",
         tree_method="hist", scale_pos_weight=(tr["rows"] - tr["pos"]) / tr["pos"],
         base_score=0.5, random_state=seed, **p)
-    model = clf.fit(rows.withColumn(LABEL, F.col(LABEL).cast("int")))
+    model = clf.fit(rows.select(x.alias("_x"), F.col(LABEL).cast("int"), "is_valid"))
     booster = model.get_booster()
     if booster.best_iteration is not None:
         booster = booster[:booster.best_iteration + 1]
