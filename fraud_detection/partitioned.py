@@ -5,6 +5,7 @@
 # %% ../nbs/12_partitioned.ipynb #1582f1e8
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'BUCKET_HEX', 'ROWS_PER_BUCKET', 'BUCKET', 'DAILY_SCHEMA', 'MANIFEST', 'bucket_expr', 'n_buckets', 'scan_clean',
            'partition_clean', 'daily_counts', 'risk_from_daily', 'bucketed_features', 'bucketed_state',
-           'build_training_set', 'ParquetBatches', 'stream_margins', 'train_external']
+           'build_training_set', 'ParquetBatches', 'stream_margins', 'train_external', 'compact_state_log']
 
 # %% ../nbs/12_partitioned.ipynb #db4b7218
 BUCKET_HEX = 6  # hex digits of customer_id read for its bucket (16.7 M values: even up to thousands of buckets)
@@ -281,4 +282,47 @@ def train_external(training: Path,  # build_training_set's folder
         "libraries": library_versions(), "trained_at": datetime.now().astimezone().isoformat(timespec="seconds"),
         "train_seconds": round(time.perf_counter() - t0, 2)}
     return scorer
+
+
+# %% ../nbs/12_partitioned.ipynb #46257079
+def _day_groups(root: Path) -> dict[Path, list[Path]]:
+    "Day folder → its parts (legacy parts at the top level go to the day of their modification time)."
+    groups: dict[Path, list[Path]] = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+        groups[d] = sorted(d.glob("part-*.parquet"))
+    for p in sorted(root.glob("part-*.parquet")):
+        day = datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d")
+        groups.setdefault(root / day, []).append(p)
+    return groups
+
+def compact_state_log(root: Path,  # the offline state log folder (data dir / feature_store.STATE_OFFLINE)
+                      min_parts: int = 2,  # compact a day once it has this many parts
+                      ) -> dict:
+    "Merge each day's parts of the state log into one parquet file; safe while writers add parts."
+    root = Path(root)
+    out = {"days": 0, "parts_before": 0, "parts_after": 0, "rows": 0}
+    if not root.is_dir():
+        return out
+    with open(root / ".compact.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for day, parts in _day_groups(root).items():
+            out["parts_before"] += len(parts)
+            if len(parts) < min_parts:
+                out["parts_after"] += len(parts)
+                continue
+            day.mkdir(exist_ok=True)
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+            tmp = day / f".compact-{stamp}-{uuid.uuid4().hex[:8]}.tmp"
+            pl.scan_parquet(parts).sink_parquet(tmp, engine="streaming")
+            rows = pl.scan_parquet(tmp).select(pl.len()).collect().item()
+            if rows != pl.scan_parquet(parts).select(pl.len()).collect().item():
+                tmp.unlink()
+                raise AssertionError(f"{day}: compaction lost rows")
+            tmp.rename(day / f"part-{stamp}-{tmp.stem.split('-')[-1]}-compacted.parquet")
+            for p in parts:
+                p.unlink()
+            out["days"] += 1
+            out["parts_after"] += 1
+            out["rows"] += rows
+    return out
 

@@ -205,7 +205,7 @@ def assert_matches_batch(data: Path, url: str, truth: Truth, expect: pl.DataFram
     truth_state = state_from_history(pl.concat([truth.train, expect])).filter(pl.col("customer_id").is_in(customers))
     online = read_state(get_store(Settings(data_dir=data)), customers)
     assert_frame_equal(online.sort("customer_id"), truth_state)
-    parts = pl.read_parquet(data / STATE_OFFLINE / "part-*.parquet")
+    parts = pl.read_parquet(data / STATE_OFFLINE / "*" / "part-*.parquet")
     latest = parts.sort(TIMESTAMP).group_by("customer_id", maintain_order=True).last()
     offline = from_wire(latest, STATE_SCHEMA).filter(pl.col("customer_id").is_in(customers)).sort("customer_id")
     assert_frame_equal(offline, truth_state)
