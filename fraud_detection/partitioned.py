@@ -21,7 +21,9 @@ import numpy as np
 import polars as pl
 import xgboost as xgb
 
-from .features import MERCHANT_FEATURES, RISK_PRIOR_RATE, RISK_PSEUDO_COUNT, batch_features, state_from_history
+from .core import get_settings
+from .features import (
+    FEATURES, MERCHANT_FEATURES, RISK_PRIOR_RATE, RISK_PSEUDO_COUNT, batch_features, state_from_history)
 from .model import (
     DEFAULT_PARAMS, LABEL, Scorer, choose_thresholds, fit_calibration, library_versions, to_matrix)
 
@@ -29,9 +31,10 @@ log = logging.getLogger(__name__)
 
 
 # %% auto #0
-__all__ = ['log', 'BUCKET_HEX', 'ROWS_PER_BUCKET', 'BUCKET', 'DAILY_SCHEMA', 'MANIFEST', 'bucket_expr', 'n_buckets', 'scan_clean',
-           'partition_clean', 'daily_counts', 'risk_from_daily', 'bucketed_features', 'bucketed_state',
-           'build_training_set', 'ParquetBatches', 'stream_margins', 'train_external', 'compact_state_log']
+__all__ = ['log', 'BUCKET_HEX', 'ROWS_PER_BUCKET', 'BUCKET', 'DAILY_SCHEMA', 'MANIFEST', 'HOLDOUT_ROWS', 'bucket_expr',
+           'n_buckets', 'scan_clean', 'partition_clean', 'daily_counts', 'risk_from_daily', 'bucketed_features',
+           'bucketed_state', 'build_training_set', 'ParquetBatches', 'stream_margins', 'train_external',
+           'compact_state_log', 'latest_rows', 'register_from_training_set', 'train_at_scale']
 
 # %% ../nbs/12_partitioned.ipynb #db4b7218
 BUCKET_HEX = 6  # hex digits of customer_id read for its bucket (16.7 M values: even up to thousands of buckets)
@@ -325,4 +328,67 @@ def compact_state_log(root: Path,  # the offline state log folder (data dir / fe
             out["parts_after"] += 1
             out["rows"] += rows
     return out
+
+
+# %% ../nbs/12_partitioned.ipynb #897601be
+HOLDOUT_ROWS = 200_000  # latest test-period rows the promotion gate judges on
+
+def latest_rows(training: Path,  # a training-set folder (parquet files with `split`)
+                split: str,  # "train" or "test"
+                n: int,  # rows to keep
+                ) -> pl.DataFrame:
+    "The latest `n` rows of one period, by (ts, trans_num), with the streaming engine."
+    return pl.scan_parquet(Path(training) / "*.parquet").filter(pl.col("split") == split) \
+        .sort("ts", "trans_num").tail(n).collect(engine="streaming")
+
+def register_from_training_set(scorer: Scorer,  # trained model (train_external / spark_train)
+                               training: Path,  # its training-set folder
+                               margin: float = 0.0,  # PR-AUC by which it must beat the champion
+                               root: Path | None = None,  # registry folder (default: settings)
+                               holdout_rows: int = HOLDOUT_ROWS,  # gate rows (latest of the test period)
+                               reference_rows: int = 20_000,  # drift reference rows (from the training period)
+                               ) -> dict:
+    "Register the model, store its drift reference, run the promotion gate; the gate's decision."
+    from fraud_detection import registry
+    r = registry.registry_root(root)
+    version = registry.register(scorer, root=r)
+    ref = pl.scan_parquet(Path(training) / "*.parquet").filter(pl.col("split") == "train") \
+        .select(scorer.features).collect(engine="streaming")
+    ref.sample(min(ref.height, reference_rows), seed=0).write_parquet(r / version / "reference.parquet")
+    del ref
+    return registry.promote_if_better(version, latest_rows(training, "test", holdout_rows), margin=margin, root=r)
+
+
+# %% ../nbs/12_partitioned.ipynb #0c330824
+def train_at_scale(engine: str,  # "external" (this machine, bounded memory) or "spark" (FRAUD_SPARK_MASTER)
+                   clean_dir: Path | None = None,  # clean train/test parquet (default: settings.data/clean)
+                   out: Path | None = None,  # training-set folder (default: settings.data/training)
+                   margin: float = 0.0,  # PR-AUC by which the new model must beat the champion
+                   label_delay_days: int | None = None,  # default: settings.label_delay_days
+                   num_boost_round: int = 1000,  # maximum trees
+                   echo: Callable[[str], None] = print,  # progress messages
+                   ) -> dict:
+    "Training set → model → registry + gate, on one machine in bounded memory or on Spark."
+    s = get_settings()
+    clean_dir = Path(clean_dir or s.data / "clean")
+    sources = [clean_dir / "train.parquet", clean_dir / "test.parquet"]
+    out = Path(out or s.data / "training")
+    delay = s.label_delay_days if label_delay_days is None else label_delay_days
+    if engine == "external":
+        manifest = build_training_set(sources, out, delay, progress=echo)
+        echo(f"training set: {manifest['rows']:,} rows in {manifest['buckets']} buckets → {out}; training from disk")
+        scorer = train_external(out, FEATURES, num_boost_round=num_boost_round)
+    elif engine == "spark":
+        from fraud_detection.spark import spark_session, spark_train, spark_training_set
+        spark = spark_session()
+        try:
+            manifest = spark_training_set(spark, sources, out, delay)
+            echo(f"training set on {manifest['master']}: {manifest['rows']:,} rows → {out}; SparkXGBClassifier")
+            scorer = spark_train(spark, out, FEATURES, num_boost_round=num_boost_round)
+        finally:
+            spark.stop()
+    else:
+        raise ValueError(f"engine must be 'external' or 'spark', got {engine!r}")
+    decision = register_from_training_set(scorer, out, margin)
+    return {"training_set": str(out), "manifest": manifest, "decision": decision, "metrics": scorer.meta["metrics"]}
 

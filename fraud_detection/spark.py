@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 # %% auto #0
 __all__ = ['SparkUnavailable', 'java_major', 'require_spark', 'LocalCluster', 'spark_session', 'spark_schema', 'to_spark_arrow',
            'bucket_column', 'read_clean', 'spark_merchant_risk', 'spark_features', 'spark_training_set',
-           'spark_customer_state', 'spark_train']
+           'spark_customer_state', 'spark_train', 'spark_build_batch_features']
 
 # %% ../nbs/13_spark.ipynb #086c482d
 class SparkUnavailable(RuntimeError):
@@ -372,4 +372,39 @@ def spark_train(spark: SparkSession,  # from spark_session
         "libraries": library_versions(), "trained_at": datetime.now().astimezone().isoformat(timespec="seconds"),
         "train_seconds": round(time.perf_counter() - t0, 2)}
     return scorer
+
+
+# %% ../nbs/13_spark.ipynb #1d80f4c9
+def spark_build_batch_features(spark: SparkSession | None = None,  # default: spark_session()
+                               clean_dir: Path | None = None,  # clean parquet folder (default: settings.data/clean)
+                               as_of: datetime | str | None = None,  # history cut-off (default: end of train.parquet)
+                               label_delay_days: int | None = None,  # default: settings.label_delay_days
+                               store=None,  # Feast store (default: get_store())
+                               push_online: bool = True,  # push customer state online (False: the stream owns it)
+                               ) -> dict:
+    "Merchant risk and customer state as of `as_of`, computed on Spark, written to the offline and online stores."
+    from pyspark.sql import functions as F
+
+    from fraud_detection.feature_store import (
+        MERCHANT_RISK_OFFLINE, STATE_OFFLINE, _default_as_of, apply, data_dir, get_store, materialize, push_state,
+        write_offline_merchant_risk)
+    s = get_settings()
+    clean_dir = Path(clean_dir or s.data / "clean")
+    delay = s.label_delay_days if label_delay_days is None else label_delay_days
+    as_of = _default_as_of(clean_dir) if as_of is None else datetime.fromisoformat(str(as_of))
+    spark = spark or spark_session()
+    tx = read_clean(spark, sorted(clean_dir.glob("*.parquet")))
+    rows = tx.count()
+    risk = spark_merchant_risk(tx, delay)
+    before = tx.filter(F.col("ts") < F.lit(as_of).cast("timestamp_ntz")).drop("split")
+    state = pl.from_arrow(spark_customer_state(before, n_buckets(rows)).toArrow()).cast(STATE_SCHEMA).sort("customer_id")
+    store = store or get_store()
+    apply(store)
+    risk_path = write_offline_merchant_risk(risk, data_dir(store) / MERCHANT_RISK_OFFLINE)
+    materialize(store, end=as_of)
+    push_state(store, state, to="online_and_offline" if push_online else "offline")
+    return dict(as_of=as_of.isoformat(), rows=rows, customers=state.height, merchants=risk["merchant"].n_unique(),
+                risk_rows=risk.height, label_delay_days=delay, engine=f"spark ({spark.sparkContext.master})",
+                merchant_risk=str(risk_path), customer_state=str(data_dir(store) / STATE_OFFLINE),
+                pushed_online=push_online)
 

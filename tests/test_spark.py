@@ -1,0 +1,130 @@
+"""The Spark path against a REAL standalone cluster: a master and two workers (spark-class ...Master/...Worker from
+the pyspark wheel, loopback only, executors on this venv's Python) started by the fixture and stopped after.
+
+Fast suite: Spark features == polars features row for row on the demo data; a model trained by
+xgboost.spark.SparkXGBClassifier (2 workers) registered, loaded, scored and explained by the real API server.
+Slow: customer state on Spark == polars; ingest → Spark training set → Spark training through the CLI setting.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import polars as pl
+import pytest
+from api_system import build_system, free_port, start_server, stop_server
+from conftest import require
+from polars.testing import assert_frame_equal
+
+from fraud_detection.features import FEATURES, batch_features
+from fraud_detection.ingest import ingest_files
+from fraud_detection.partitioned import bucketed_state, build_training_set, partition_clean
+from fraud_detection.simulate import simulate_to_files
+
+DELAY = 7
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    "A standalone Spark master + 2 workers (1 core, 1 GB each) on 127.0.0.1, for this module."
+    from fraud_detection.spark import LocalCluster, SparkUnavailable, require_spark
+    try:
+        require_spark()
+    except SparkUnavailable as e:
+        require(False, str(e))
+    with LocalCluster(2, cores=1, memory="1g", work_dir=tmp_path_factory.mktemp("spark-cluster")) as c:
+        assert c.alive_workers() == 2
+        yield c
+
+
+@pytest.fixture(scope="module")
+def spark(cluster):
+    from fraud_detection.spark import spark_session
+    s = spark_session(cluster.master_url, app="fraud-tests")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> list[Path]:
+    "Clean demo data (simulated, ingested): train.parquet and test.parquet."
+    d = tmp_path_factory.mktemp("demo")
+    raw = simulate_to_files("demo", d / "raw", seed=11, progress=False)
+    rep = ingest_files(raw, d / "clean", key="tests", progress=False)
+    assert not rep.failed
+    return rep.outputs
+
+
+@pytest.fixture(scope="module")
+def spark_set(spark, demo, tmp_path_factory) -> Path:
+    "The Spark-built training set of the demo data (5 customer buckets)."
+    from fraud_detection.spark import spark_training_set
+    out = tmp_path_factory.mktemp("spark-set") / "training"
+    m = spark_training_set(spark, demo, out, DELAY, rows_per_bucket=10_000)
+    assert m["buckets"] == 5 and m["master"].startswith("spark://127.0.0.1:")
+    return out
+
+
+def test_spark_features_equal_polars(spark_set, demo, tmp_path):
+    "Same feature code per customer group on the cluster: every row and column equals the polars paths'."
+    got = pl.read_parquet(spark_set / "*.parquet").sort("ts", "trans_num")
+    build_training_set(demo, tmp_path / "polars", DELAY, rows_per_bucket=7_000)  # other buckets: 7 of them
+    want = pl.read_parquet(tmp_path / "polars" / "*.parquet").sort("ts", "trans_num").select(got.columns)
+    assert got.height == want.height == sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in demo)
+    assert_frame_equal(got, want)
+    from fraud_detection.features import merchant_risk_table
+    everything = pl.concat([pl.read_parquet(p) for p in demo])
+    unbucketed = batch_features(everything, merchant_risk_table(everything, DELAY))
+    assert_frame_equal(got.drop("split"), unbucketed.select([c for c in got.columns if c != "split"]))
+
+
+def test_spark_trained_model_in_api(spark, spark_set, tmp_path):
+    "SparkXGBClassifier (2 workers) → registry → champion → the API scores and explains with it."
+    from fraud_detection.registry import load
+    from fraud_detection.spark import spark_train
+    scorer = spark_train(spark, spark_set, num_boost_round=40, early_stopping_rounds=10, num_workers=2)
+    assert "SparkXGBClassifier (num_workers=2)" in scorer.meta["training"] and scorer.features == FEATURES
+    assert scorer.meta["metrics"]["test"]["roc_auc"] > 0.7
+    system = build_system(tmp_path, scorer=scorer)  # registers it, makes it champion, fills the online store
+    champion = load("champion", system.settings.data / "registry")
+    assert champion.version == system.version and champion.meta["training"] == scorer.meta["training"]
+    assert champion.row_explainer is not None  # TreeShap tabulates the Spark-trained booster
+    ref = {r["trans_num"]: r for r in system.reference().iter_rows(named=True)}
+    port = free_port()
+    proc = start_server(system.settings, port)
+    try:
+        for body in system.bodies()[:10]:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json=body, timeout=10)
+            assert r.status_code == 200, r.text
+            got = r.json()
+            assert got["model_version"] == system.version and got["degraded"] is False
+            assert len(got["reasons"]) == 3 and all(x["feature"] in FEATURES for x in got["reasons"])
+            assert abs(got["fraud_probability"] - ref[body["trans_num"]]["fraud_probability"]) < 1e-9
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.slow
+def test_spark_customer_state_equals_polars(spark, demo, tmp_path):
+    "The online store's customer state, per bucket on the cluster, equals the polars state."
+    from fraud_detection.features import STATE_SCHEMA
+    from fraud_detection.spark import read_clean, spark_customer_state
+    got = pl.from_arrow(spark_customer_state(read_clean(spark, demo), 4).toArrow()).cast(STATE_SCHEMA)
+    want = bucketed_state(partition_clean(demo, tmp_path / "parts", 3))
+    assert_frame_equal(got.sort("customer_id"), want)
+
+
+@pytest.mark.slow
+def test_spark_pipeline_many_buckets(spark, tmp_path):
+    "A larger period (many buckets, several executor tasks each) through the Spark path == polars path."
+    from fraud_detection.spark import spark_training_set
+    raw = simulate_to_files(1200, tmp_path / "raw", seed=2, progress=False)  # full calendar, ≈2.2 M rows
+    clean = ingest_files(raw, tmp_path / "clean", key="tests", progress=False).outputs
+    m = spark_training_set(spark, clean, tmp_path / "spark", DELAY, rows_per_bucket=200_000)
+    assert m["buckets"] >= 10
+    build_training_set(clean, tmp_path / "polars", DELAY, rows_per_bucket=500_000)
+    got = pl.scan_parquet(tmp_path / "spark" / "*.parquet").sort("ts", "trans_num").collect()
+    want = pl.scan_parquet(tmp_path / "polars" / "*.parquet").sort("ts", "trans_num").select(got.columns).collect()
+    assert_frame_equal(got, want)
+    assert os.environ.get("PYSPARK_PYTHON")  # executors ran this venv's Python
