@@ -78,7 +78,7 @@ def stage_ingest(work: Path, in_memory: bool) -> dict:
     from fraud_detection.ingest import IngestReport, ingest_file, ingest_files
     files = [work / "raw" / "train.parquet", work / "raw" / "test.parquet"]
     if in_memory:
-        rep = IngestReport([ingest_file(f, work / "clean-mem", "bench", chunk_rows=10**12) for f in files])
+        rep = IngestReport([ingest_file(f, work / "clean-mem", "bench", chunk_rows=2**31) for f in files])
         shutil.rmtree(work / "clean-mem")
     else:
         rep = ingest_files(files, work / "clean", key="bench", progress=False)
@@ -183,6 +183,8 @@ def main() -> None:
     ap.add_argument("--baseline-max", default="9M", help="run the in-memory baseline up to this size")
     ap.add_argument("--worker-memory", default="2g", help="memory of each Spark worker")
     ap.add_argument("--keep", action="store_true", help="keep the data folders")
+    ap.add_argument("--only", default=None, help="comma-separated subset of ingest,features,training_set,train,"
+                    "baseline,spark (default: the single-machine stages + whatever --train/--spark add)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--customers", type=int, help=argparse.SUPPRESS)
@@ -201,17 +203,20 @@ def main() -> None:
             sim = measure("simulate", work, "--customers", str(customers))
             print(f"{size}: simulated {customers:,} customers in {sim['seconds']} s (peak {sim['peak_gb']} GB)", flush=True)
         res = {"size": size, "customers": customers}
-        for name, extra in [("ingest", ()), ("features", ()), ("training_set", ())] + \
-                [("train", ("--rounds", str(args.rounds)))] * args.train:
+        only = set(args.only.split(",")) if args.only else \
+            {"ingest", "features", "training_set", "baseline"} | {"train"} * args.train | {"spark"} * args.spark
+        for name, extra in [("ingest", ()), ("features", ()), ("training_set", ()), ("train", ("--rounds", str(args.rounds)))]:
+            if name not in only:
+                continue
             r = measure(name, work, *extra)
             res[name] = r
             print(f"{size}: {name:<13} {r['seconds']:>7.1f} s  peak {r['peak_gb']:5.2f} GB  {r}", flush=True)
-        if rows <= rows_of(args.baseline_max):
+        if "baseline" in only and rows <= rows_of(args.baseline_max):
             for name in ("ingest", "training_set"):
                 r = measure(name, work, "--in-memory")
                 res[f"{name}_in_memory"] = r
                 print(f"{size}: {name + ' (in memory)':<27} {r['seconds']:>7.1f} s  peak {r['peak_gb']:5.2f} GB", flush=True)
-        if args.spark:
+        if "spark" in only:
             r = measure("spark", work, "--worker-memory", args.worker_memory)
             res["spark"] = r
             print(f"{size}: spark training set {r['job_s']:>7.1f} s (+ cluster start {r['cluster_start_s']} s)  {r}", flush=True)
@@ -223,7 +228,7 @@ def main() -> None:
         for k in ("ingest", "features", "training_set", "train", "ingest_in_memory", "training_set_in_memory"):
             if k in res:
                 r = res[k]
-                n = r.get("rows") or res["training_set"]["rows"]
+                n = r.get("rows") or res.get("training_set", {}).get("rows") or round(rows_of(res["size"]))
                 ok = "" if "in_memory" in k or r["peak_gb"] <= TARGET_GB else "  > 6 GB target"
                 print(f"{res['size']:<6} {n:>11,} {k:<24} {r['seconds']:>7.1f} {r['seconds'] / n * 1e6:>8.1f}  {r['peak_gb']:>6.2f}{ok}")
         if "spark" in res:

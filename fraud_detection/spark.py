@@ -86,6 +86,7 @@ class LocalCluster:
                  ):
         self.n_workers, self.cores, self.memory = n_workers, cores, memory
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="spark-cluster-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         self.port, self.ui_port = _free_port(), _free_port()
         self.procs: list[subprocess.Popen] = []
 
@@ -96,9 +97,9 @@ class LocalCluster:
         home = require_spark()
         env = {**os.environ, "SPARK_HOME": str(home), "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable),
                "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(self.work_dir), "SPARK_NO_DAEMONIZE": "1"}
-        log = open(self.work_dir / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
-        self.procs.append(subprocess.Popen([str(home / "bin" / "spark-class"), *args], env=env, stdout=log,
-                                           stderr=subprocess.STDOUT, start_new_session=True))
+        with open(self.work_dir / f"{name}.log", "ab") as log:  # the child keeps its own handle
+            self.procs.append(subprocess.Popen([str(home / "bin" / "spark-class"), *args], env=env, stdout=log,
+                                               stderr=subprocess.STDOUT, start_new_session=True))
 
     def alive_workers(self) -> int:
         "Workers the master lists as alive (0 if its status page does not answer)."
