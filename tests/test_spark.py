@@ -131,3 +131,29 @@ def test_spark_pipeline_many_buckets(spark, tmp_path):
     want = pl.scan_parquet(tmp_path / "polars" / "*.parquet").sort("ts", "trans_num").select(got.columns).collect()
     assert_frame_equal(got, want)
     assert os.environ.get("PYSPARK_PYTHON")  # executors ran this venv's Python
+
+
+@pytest.mark.slow
+def test_spark_build_batch_features_equals_polars(spark, demo, tmp_path):
+    "`fraud features build` on Spark writes the same merchant risk and customer state as the polars pipeline."
+    from fraud_detection.core import Settings
+    from fraud_detection.feature_store import (
+        MERCHANT_RISK_OFFLINE,
+        STATE_OFFLINE,
+        build_batch_features,
+        get_store,
+        read_offline_merchant_risk,
+    )
+    from fraud_detection.spark import spark_build_batch_features
+    clean_dir = demo[0].parent
+    out = {}
+    for name, build in (("polars", build_batch_features), ("spark", spark_build_batch_features)):
+        store = get_store(Settings(data_dir=tmp_path / name))
+        kw = {"spark": spark} if name == "spark" else {}
+        out[name] = build(clean_dir=clean_dir, label_delay_days=DELAY, store=store, push_online=False, **kw)
+    assert out["spark"]["customers"] == out["polars"]["customers"] and out["spark"]["as_of"] == out["polars"]["as_of"]
+    risk = [read_offline_merchant_risk(tmp_path / n / MERCHANT_RISK_OFFLINE) for n in ("polars", "spark")]
+    assert_frame_equal(risk[1], risk[0])
+    state = [pl.read_parquet(tmp_path / n / STATE_OFFLINE / "*" / "part-*.parquet").drop("event_timestamp")
+             .sort("customer_id") for n in ("polars", "spark")]
+    assert_frame_equal(state[1], state[0])
