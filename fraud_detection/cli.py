@@ -124,13 +124,25 @@ def features_build_cmd(
     as_of: Annotated[str | None, typer.Option(help="ISO time the features are as of (default: end of the training data)")] = None,
     label_delay_days: Annotated[int | None, typer.Option(help="days before labels are known (default: FRAUD_LABEL_DELAY_DAYS)")] = None,
     push_online: Annotated[bool, typer.Option(help="push customer state to the online store")] = True,
+    compact: Annotated[bool, typer.Option(help="compact the offline customer-state log afterwards")] = True,
 ):
-    "Run scheduled/batch_features.ipynb: merchant risk + customer state → offline and online stores."
+    "Run scheduled/batch_features.ipynb (or, with FRAUD_SPARK_MASTER, the Spark job): merchant risk + customer state → offline and online stores."
     from fraud_detection.runs import run_notebook
     s = _init()
-    params = {"as_of": as_of, "label_delay_days": label_delay_days or s.label_delay_days, "push_online": push_online}
-    rec = run_notebook("batch_features", params, trigger="cli")
-    _console().print(f"batch features built in {rec.seconds:.0f} s; executed notebook: [bold]{rec.output}[/]")
+    if s.spark_master:
+        from fraud_detection.spark import spark_build_batch_features
+        out = spark_build_batch_features(as_of=as_of, label_delay_days=label_delay_days, push_online=push_online)
+        _console().print(f"batch features built on {out['engine']}: {out['rows']:,} transactions, {out['customers']:,} "
+                         f"customers → [bold]{out['merchant_risk']}[/], {out['customer_state']}")
+    else:
+        params = {"as_of": as_of, "label_delay_days": label_delay_days or s.label_delay_days, "push_online": push_online}
+        rec = run_notebook("batch_features", params, trigger="cli")
+        _console().print(f"batch features built in {rec.seconds:.0f} s; executed notebook: [bold]{rec.output}[/]")
+    if compact:
+        from fraud_detection.feature_store import STATE_OFFLINE
+        from fraud_detection.partitioned import compact_state_log
+        c = compact_state_log(s.data / STATE_OFFLINE)
+        _console().print(f"offline state log {s.data / STATE_OFFLINE}: {c['parts_before']} parts → {c['parts_after']}")
 
 @features_app.command("apply")
 def features_apply_cmd():
@@ -145,11 +157,22 @@ def train_cmd(
     margin: Annotated[float, typer.Option(help="PR-AUC by which a new model must beat the champion")] = 0.0,
     labels_from_db: Annotated[bool, typer.Option(help="use analyst labels from the results database")] = True,
     quick: Annotated[bool, typer.Option(help="one parameter set instead of the small grid search")] = False,
+    engine: Annotated[str, typer.Option(help="memory (scheduled/retrain.ipynb) | external (bounded memory: customer "
+                                        "buckets + XGBoost external memory) | spark | auto (spark if FRAUD_SPARK_MASTER)")] = "auto",
 ):
     "Run scheduled/retrain.ipynb: training set → train (+ baseline) → evaluate → register → promotion gate."
     from fraud_detection import registry
     from fraud_detection.runs import run_notebook
     s = _init()
+    engine = ("spark" if s.spark_master else "memory") if engine == "auto" else engine
+    if engine not in ("memory", "external", "spark"): raise typer.BadParameter(f"unknown engine {engine!r}")
+    if engine != "memory":
+        from fraud_detection.partitioned import train_at_scale
+        out = train_at_scale(engine, margin=margin, echo=_console().print)
+        al = registry.aliases()
+        _console().print(f"{out['decision']['version']}: {out['decision']['decision']} ({out['decision'].get('reason')}); "
+                         f"champion [bold]{al['champion']}[/], challenger {al['challenger']}; training set {out['training_set']}")
+        return
     params = {"margin": margin, "labels_from_db": labels_from_db, **({"grid": None} if quick else {})}
     rec = run_notebook("retrain", params, trigger="cli")
     al = registry.aliases()

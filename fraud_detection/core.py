@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     drift_every_min: float = Field(15, ge=0)  # drift check over recent traffic
     drift_psi_threshold: float = Field(0.25, gt=0)  # PSI above this on any feature triggers retraining
     drift_min_rows: int = Field(500, ge=1)  # recent scored transactions needed before drift is judged
+    # batch features, training sets and training on Apache Spark (spark://host:7077); None = local polars
+    spark_master: str | None = None
 
     @property
     def data(self) -> Path: return Path(self.data_dir or self.home / "data")

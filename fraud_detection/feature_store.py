@@ -45,7 +45,7 @@ RISK_VIEWS: dict[str, str] = {e: f"{e}_risk" for e in RISK_ENTITIES}  # batch vi
 MERCHANT_VIEW = RISK_VIEWS["merchant"]  # batch feature view of merchant risk, one row per (merchant, day)
 FEATURE_SERVICE = "fraud_model_v1"  # what a model of feature-set version 1 reads
 TIMESTAMP = "event_timestamp"  # event-time column of both offline sources
-STATE_OFFLINE = "features/customer_realtime"  # folder of parquet parts (one per push), relative to data dir
+STATE_OFFLINE = "features/customer_realtime"  # parquet parts (one per push) in a folder per UTC day written, relative to data dir
 RISK_OFFLINE: dict[str, str] = {e: f"features/{v}.parquet" for e, v in RISK_VIEWS.items()}  # relative to data dir
 MERCHANT_RISK_OFFLINE = RISK_OFFLINE["merchant"]  # written by the batch pipeline last, after the other entities
 STORE_FILES = {"sqlite": "feature_store.yaml", "redis": "feature_store.redis.yaml"}  # per online store
@@ -183,7 +183,7 @@ def push_state(store: FeatureStore, # from get_store
                state: pl.DataFrame, # rows of STATE_SCHEMA, at most one per customer
                to: PushTarget = "online_and_offline", # which stores to write
               ) -> None:
-    "Write customer state rows to the online store, the offline store (one parquet part) or both."
+    "Write customer state rows to the online store, the offline store (one parquet part in its day's folder) or both."
     from feast.data_source import PushMode
     if to not in ("online", "offline", "online_and_offline"): raise ValueError(f"unknown push target {to!r}")
     if state.is_empty(): return
@@ -191,9 +191,10 @@ def push_state(store: FeatureStore, # from get_store
     wire = _state_wire(state)
     if to != "offline": store.push(PUSH_SOURCE, wire.to_pandas(), to=PushMode.ONLINE)
     if to != "online":
-        d = data_dir(store) / STATE_OFFLINE
+        now = datetime.now(timezone.utc)  # parts are filed by the UTC day they are written (see 12_partitioned)
+        d = data_dir(store) / STATE_OFFLINE / now.strftime("%Y-%m-%d")
         d.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
         tmp = d / f".{stamp}-{uuid.uuid4().hex[:8]}.tmp"
         wire.write_parquet(tmp)
         tmp.rename(d / f"part-{tmp.stem[1:]}.parquet")  # atomic: readers never see a half-written part

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import hmac
 import logging
+import shutil
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from .core import (
@@ -21,9 +25,9 @@ from .core import (
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'MAX_AMT', 'ID_HEX', 'INDEX_COLUMNS', 'IngestError', 'customer_ids', 'missing_columns', 'rejects_schema',
-           'clean_frame', 'scan_raw', 'output_stem', 'raw_inputs', 'FileReport', 'IngestReport', 'ingest_file',
-           'ingest_files']
+__all__ = ['logger', 'MAX_AMT', 'ID_HEX', 'INDEX_COLUMNS', 'INGEST_CHUNK_ROWS', 'IngestError', 'customer_ids', 'missing_columns',
+           'rejects_schema', 'clean_frame', 'scan_raw', 'output_stem', 'raw_inputs', 'FileReport', 'IngestReport',
+           'ingest_file', 'ingest_files']
 
 # %% ../nbs/02_ingest.ipynb #d1fd986c
 class IngestError(ValueError):
@@ -85,7 +89,9 @@ _RULES: dict[str, tuple[str, Callable[[pl.Expr], pl.Expr]]] = {  # column → (c
 }
 _CHECKED = [c for c in RAW_COLUMNS if c != "street"]
 
-def _reasons(schema: pl.Schema) -> list[pl.Expr]:
+def _reasons(schema: pl.Schema,  # the raw columns' dtypes
+             chunked: bool = False,  # rows carry `_earlier`: trans_num already seen in an earlier chunk
+             ) -> list[pl.Expr]:
     "`reason` (why each row is rejected, \"\" if valid) and `identity_ok`, from raw (`raw:*`) and parsed columns."
     parts = {}
     for c in _CHECKED:
@@ -96,7 +102,8 @@ def _reasons(schema: pl.Schema) -> list[pl.Expr]:
             part = part.when(_RULES[c][1](val)).then(pl.lit(f"{c}: {_RULES[c][0]}"))
         parts[c] = part
     tn = pl.col("trans_num")
-    dup = pl.when(parts["trans_num"].is_null() & ~tn.is_first_distinct()).then(pl.lit("trans_num: duplicate"))
+    repeated = ~tn.is_first_distinct() | (pl.col("_earlier") if chunked else False)
+    dup = pl.when(parts["trans_num"].is_null() & repeated).then(pl.lit("trans_num: duplicate"))
     return [pl.concat_str([*parts.values(), dup], separator="; ", ignore_nulls=True).alias("reason"),
             pl.all_horizontal(parts[c].is_null() for c in IDENTITY_COLUMNS).alias("identity_ok")]
 
@@ -111,17 +118,21 @@ def rejects_schema() -> dict[str, pl.DataType]:
     return {"row": pl.Int64, "trans_num": pl.String, "reason": pl.String, "customer_id": pl.String,
             **dict.fromkeys(rest, pl.String)}
 
-def _validate(lf: pl.LazyFrame) -> pl.LazyFrame:
+def _validate(lf: pl.LazyFrame,  # raw rows (a whole file, or one chunk of it)
+              offset: int = 0,  # row number of the first row (a chunk's position in its file)
+              earlier: pl.Series | None = None,  # per row: its trans_num was in an earlier chunk (a duplicate)
+              ) -> pl.LazyFrame:
     "Raw rows → row number, all raw values (`raw:*`), parsed values, `reason` and `identity_ok`."
     schema = lf.collect_schema()
     if missing := missing_columns(schema.names()):
         raise IngestError(f"missing required columns: {', '.join(missing)}")
     # the unchecked columns are kept too: a CSV scan that skips a column also skips the check that a line
     # has no more fields than the header, which would silently misalign values
-    return (lf.select(pl.int_range(pl.len(), dtype=pl.Int64).alias("row"),
+    seen = [] if earlier is None else [pl.lit(earlier.alias("_earlier"))]
+    return (lf.select((pl.int_range(pl.len(), dtype=pl.Int64) + offset).alias("row"),
                       *[pl.col(c).alias(f"raw:{c}") for c in schema.names()],
-                      *[_typed(c, schema[c]) for c in _CHECKED])
-              .with_columns(_reasons(schema)))
+                      *[_typed(c, schema[c]) for c in _CHECKED], *seen)
+              .with_columns(_reasons(schema, earlier is not None)).drop("_earlier", strict=False))
 
 def _split(checked: pl.DataFrame, key: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     "Validated rows → (clean rows in the clean schema sorted by (ts, trans_num), rejects with reasons)."
@@ -246,40 +257,118 @@ def _write(df: pl.DataFrame, path: Path, csv: bool = False) -> None:
     df.write_csv(tmp) if csv else df.write_parquet(tmp)
     tmp.replace(path)
 
+
+# %% ../nbs/02_ingest.ipynb #bf0a8598
+INGEST_CHUNK_ROWS = 1_000_000  # raw rows validated at a time: peak memory is set by this, not by the file's size
+
+class _SeenIds:
+    "trans_num values of earlier chunks: their 64-bit hashes in memory (8 bytes a row), the values on disk."
+    def __init__(self, tmp: Path):  # a private scratch folder
+        self.tmp, self.hashes, self.parts = tmp, np.empty(0, np.uint64), 0
+
+    def earlier(self, tn: pl.Series,  # a chunk's raw trans_num values
+                remember: bool = True,  # keep them for the next chunks (False on the last chunk)
+                ) -> pl.Series:
+        "Whether each value occurred in an earlier chunk (exact: hash matches are checked against the values)."
+        h = tn.hash(seed=0).to_numpy()
+        out = np.zeros(len(tn), dtype=bool)
+        if len(self.hashes):
+            cand = self.hashes[np.searchsorted(self.hashes, h).clip(max=len(self.hashes) - 1)] == h
+            if cand.any():
+                old = pl.scan_parquet(self.tmp / "*.parquet").filter(pl.col("h").is_in(pl.lit(pl.Series(h[cand]))))
+                out[cand] = tn.filter(pl.Series(cand)).is_in(old.collect()["trans_num"].implode()).fill_null(False)
+        if remember:
+            pl.DataFrame({"h": h, "trans_num": tn.cast(pl.String)}).write_parquet(self.tmp / f"{self.parts:06d}.parquet")
+            self.parts += 1
+            self.hashes = np.sort(np.concatenate([self.hashes, h]), kind="stable")  # merges two sorted runs
+        return pl.Series("_earlier", out)
+
+
+# %% ../nbs/02_ingest.ipynb #4584be80
+def _stitch(parts: list[Path],  # chunk files, in order
+            path: Path,  # the output
+            sort: bool,  # rows must be sorted by (ts, trans_num) across chunks
+            csv: bool = False,  # also write path with suffix .csv
+            ) -> None:
+    "One output file from chunk files, streamed (never all in memory), through a temporary name."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lf = pl.scan_parquet(parts)
+    if sort:
+        lf = lf.sort("ts", "trans_num")
+    for p, sink in [(path, lf.sink_parquet)] + ([(path.with_suffix(".csv"), lf.sink_csv)] if csv else []):
+        tmp = p.with_name(p.name + ".tmp")
+        sink(tmp, engine="streaming")
+        tmp.replace(p)
+
+
+# %% ../nbs/02_ingest.ipynb #3088364b
+def _reason_counts(rejects: pl.DataFrame) -> Counter:
+    "Rows per reason (a row may have several)."
+    return Counter(dict(rejects["reason"].str.split("; ").explode().value_counts().iter_rows()))
+
+def _sorted_across(bounds: list[tuple]) -> bool:
+    "Whether chunks whose (first, last) sort keys are `bounds` are already in order one after the other."
+    return all(a[1] <= b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+
 def ingest_file(path: Path,  # Kaggle CSV or simulator parquet
                 out_dir: Path,  # clean parquet goes here, rejects under out_dir/rejects
                 key: str,  # secret key of the customer-id HMAC
                 stage: Callable[[str], None] = lambda s: None,  # called with the name of each stage (progress)
+                chunk_rows: int = INGEST_CHUNK_ROWS,  # raw rows in memory at a time
                 ) -> FileReport:
-    "Validate, hash and write one raw file; raises `IngestError` if the file cannot be ingested at all."
+    "Validate, hash and write one raw file, `chunk_rows` rows at a time; `IngestError` if it cannot be ingested."
     start, path, out_dir = time.perf_counter(), Path(path), Path(out_dir)
-    rep = FileReport(source=path)
-    lf = scan_raw(path)
+    rep, lf, stem = FileReport(source=path), scan_raw(path), output_stem(path)
+    rep.output, rep.rejects = out_dir / f"{stem}.parquet", out_dir / "rejects" / f"{stem}.parquet"
+    scratch, fresh = out_dir / f".ingest-{stem}-{uuid.uuid4().hex[:8]}", not out_dir.exists()
     try:
-        rep.ignored_columns = [c for c in lf.collect_schema().names() if c not in RAW_COLUMNS and c not in INDEX_COLUMNS]
-        stage("reading and validating")
-        checked = _validate(lf).collect()
+        names = lf.collect_schema().names()
+        if missing := missing_columns(names):
+            raise IngestError(f"{path}: missing required columns: {', '.join(missing)}")
+        rep.ignored_columns = [c for c in names if c not in RAW_COLUMNS and c not in INDEX_COLUMNS]
+        for d in ("clean", "rejects", "seen"):
+            (scratch / d).mkdir(parents=True)
+        seen, reasons, bounds, off = _SeenIds(scratch / "seen"), Counter(), [], 0
+        while True:
+            stage(f"validating rows from {off:,}")
+            raw = lf.slice(off, chunk_rows).collect()
+            last = raw.height < chunk_rows
+            if raw.height == 0:
+                break
+            earlier = None if off == 0 and last else seen.earlier(raw["trans_num"], remember=not last)
+            clean, rejects = _split(_validate(raw.lazy(), off, earlier).collect(), key)
+            if clean.height + rejects.height != raw.height:
+                raise AssertionError(f"{path}: rows lost in rows {off:,}…: {raw.height} in, "
+                                     f"{clean.height} ok + {rejects.height} rejected")
+            name = f"{len(bounds):06d}.parquet"
+            clean.write_parquet(scratch / "clean" / name)
+            rejects.write_parquet(scratch / "rejects" / name)
+            bounds.append((clean.select("ts", "trans_num").row(0), clean.select("ts", "trans_num").row(-1))
+                          if clean.height else None)
+            rep.rows_in, rep.rows_ok, rep.rows_rejected = (rep.rows_in + raw.height, rep.rows_ok + clean.height,
+                                                           rep.rows_rejected + rejects.height)
+            reasons.update(_reason_counts(rejects))
+            off += raw.height
+            if last:
+                break
+        if rep.rows_in == 0:
+            raise IngestError(f"{path}: no rows (header only?)")
+        rep.reasons = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+        stage("writing")
+        parts = sorted((scratch / "clean").glob("*.parquet"))
+        _stitch(parts, rep.output, sort=not _sorted_across([b for b in bounds if b]))
+        _stitch(sorted((scratch / "rejects").glob("*.parquet")), rep.rejects, sort=False, csv=True)
     except pl.exceptions.PolarsError as e:
         raise IngestError(f"{path}: cannot read: {e}") from e
-    if checked.height == 0:
-        raise IngestError(f"{path}: no rows (header only?)")
-    stage("hashing identities")
-    clean, rejects = _split(checked, key)
-    rep.rows_in, rep.rows_ok, rep.rows_rejected = checked.height, clean.height, rejects.height
-    if rep.rows_in != rep.rows_ok + rep.rows_rejected:
-        raise AssertionError(f"{path}: rows lost: {rep.rows_in} in, {rep.rows_ok} ok + {rep.rows_rejected} rejected")
-    counts = rejects["reason"].str.split("; ").explode().value_counts()
-    rep.reasons = dict(counts.sort(["count", "reason"], descending=[True, False]).iter_rows())
-    stage("writing")
-    stem = output_stem(path)
-    rep.output, rep.rejects = out_dir / f"{stem}.parquet", out_dir / "rejects" / f"{stem}.parquet"
-    _write(clean, rep.output)
-    _write(rejects, rep.rejects)
-    _write(rejects, rep.rejects.with_suffix(".csv"), csv=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if fresh and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a file that failed leaves nothing behind
     rep.seconds = time.perf_counter() - start
     logger.info("ingested %s: %d rows, %d ok, %d rejected in %.1f s", path, rep.rows_in, rep.rows_ok,
                 rep.rows_rejected, rep.seconds)
     return rep
+
 
 # %% ../nbs/02_ingest.ipynb #f8c94661
 def ingest_files(paths: Sequence[Path],  # Kaggle CSVs and/or simulator parquet files

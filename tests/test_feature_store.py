@@ -107,7 +107,7 @@ def test_push_online_and_offline_writes_parquet(store):
     state = _state(3)
     push_state(store, state)  # default: online_and_offline
     push_state(store, state.head(1), to="offline")
-    parts = sorted((data_dir(store) / STATE_OFFLINE).glob("part-*.parquet"))
+    parts = sorted((data_dir(store) / STATE_OFFLINE).glob("*/part-*.parquet"))
     assert len(parts) == 2
     offline = pl.read_parquet(parts)
     assert offline.height == 4 and offline["event_timestamp"].dtype == pl.Datetime("us", "UTC")
@@ -233,5 +233,5 @@ def test_scheduled_notebook_with_papermill(fraud_home):
                    check=True, capture_output=True, timeout=300)
     text = out.read_text()
     assert "customers" in text and str(d) in text
-    assert (d / MERCHANT_RISK_OFFLINE).is_file() and any((d / STATE_OFFLINE).glob("part-*.parquet"))
+    assert (d / MERCHANT_RISK_OFFLINE).is_file() and any((d / STATE_OFFLINE).glob("*/part-*.parquet"))
     assert read_state(get_store(Settings()), [pl.read_parquet(d / "clean" / "train.parquet")["customer_id"][0]]).height == 1

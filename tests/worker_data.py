@@ -211,7 +211,7 @@ def assert_matches_batch(data: Path, url: str, truth: Truth, expect: pl.DataFram
     truth_state = state_from_history(pl.concat([truth.train, applied])).filter(pl.col("customer_id").is_in(customers))
     got = read_state(get_store(online or Settings(data_dir=data)), customers)  # `online`: e.g. a Redis store
     assert_frame_equal(got.sort("customer_id"), truth_state)
-    parts = pl.read_parquet(data / STATE_OFFLINE / "part-*.parquet")
+    parts = pl.read_parquet(data / STATE_OFFLINE / "*" / "part-*.parquet")
     latest = parts.sort(TIMESTAMP).group_by("customer_id", maintain_order=True).last()
     offline = from_wire(latest, STATE_SCHEMA).filter(pl.col("customer_id").is_in(customers)).sort("customer_id")
     assert_frame_equal(offline, truth_state)
