@@ -1,19 +1,23 @@
 """The scheduler on real notebooks: a forced drift in scored traffic triggers a retraining run whose
-executed notebook exists and whose gate outcome (promoted or kept as challenger) is recorded."""
+executed notebook exists and whose gate outcome (promoted or kept as challenger) is recorded.
+State that survives a restart (next due times, cooldown) and one runner per job across two schedulers
+on a real PostgreSQL."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from fraud_detection import app, registry
-from fraud_detection.core import get_settings
+from fraud_detection.core import Settings, get_settings
 from fraud_detection.ingest import ingest_files, raw_inputs
 from fraud_detection.results import create_tables, fake_predictions, get_engine, write_predictions
-from fraud_detection.runs import list_runs, run_notebook
-from fraud_detection.scheduler import Scheduler, check_drift
+from fraud_detection.runs import RunRecord, list_runs, run_notebook
+from fraud_detection.scheduler import JobSpec, Scheduler, check_drift, next_due
 from fraud_detection.simulate import simulate_to_files
 
 
@@ -86,3 +90,81 @@ def test_forced_drift_triggers_recorded_retrain(trained):
     # a second drifted check right away is held back by the cooldown
     t[0] = sch.next_drift
     assert sch.tick() == ["drift-check"] and sch.last_verdict.action == "cooldown"
+
+
+class _Runner:
+    "A stand-in notebook runner that records its calls and can block until released."
+    def __init__(self, hold: bool = False):
+        self.calls: list[tuple[str, str]] = []
+        self.started, self.release = threading.Event(), threading.Event()
+        if not hold:
+            self.release.set()
+
+    def __call__(self, name, params, trigger, progress):
+        self.calls.append((name, trigger))
+        self.started.set()
+        assert self.release.wait(30)
+        return RunRecord(name=name, parameters=params, output=f"/runs/{name}.ipynb", status="ok", trigger=trigger)
+
+
+JOBS = [JobSpec("batch_features", "0 * * * *", "once", "batch_features"), JobSpec("retrain", "0 2 * * *", "once", "retrain")]
+
+
+def test_restart_keeps_next_due_times_and_cooldown(tmp_path: Path):
+    s = Settings(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", drift_cooldown_min=360)
+    url = f"sqlite:///{tmp_path / 'results.db'}"
+    t = [1_772_370_000.0]  # 2026-03-01 13:00 UTC
+    run = _Runner()
+    first = Scheduler(s, run=run, clock=lambda: t[0], jobs=JOBS, engine=get_engine(url))
+    planned = {n: r["next_due"] for n, r in first.store.all().items()}
+    assert planned == {"batch_features": next_due("0 * * * *", t[0]), "retrain": next_due("0 2 * * *", t[0])}
+    t[0] = planned["retrain"] + 1  # 02:00:01 next day: both due
+    assert first.tick() == ["batch_features", "retrain"]
+    after = first.store.all()
+    assert after["retrain"]["cooldown_until"] == pytest.approx(t[0] + 360 * 60)
+    del first  # "restart": a new process, an hour later, sees the same plan and cooldown
+    t[0] += 3600
+    second = Scheduler(s, run=run, clock=lambda: t[0], jobs=JOBS, engine=get_engine(url))
+    again = second.store.all()
+    for n in ("batch_features", "retrain"):
+        assert again[n]["next_due"] == after[n]["next_due"], n
+        assert again[n]["last_status"] == "ok" and again[n]["last_success"] == after[n]["last_success"]
+    assert again["retrain"]["cooldown_until"] == after["retrain"]["cooldown_until"]
+    assert again["retrain"]["next_due"] - t[0] == pytest.approx(23 * 3600 - 1), "not pushed back a day by the restart"
+    assert second.tick() == ["batch_features"] and len(run.calls) == 3  # the hourly job, due again at 03:00
+
+
+def test_second_scheduler_does_not_run_a_held_job(postgres_url: str, tmp_path: Path):
+    "Two schedulers on one PostgreSQL: while the first runs the retrain (lease renewed), the second does not."
+    from conftest import fresh_pg_database
+    with fresh_pg_database(postgres_url) as url:
+        s = Settings(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", db_url=url, scheduler_lease_s=1.0)
+        due = next_due("0 2 * * *", time.time() - 86400)  # a retrain due in the past (missed: policy once)
+        jobs = [JobSpec("retrain", "0 2 * * *", "once", "retrain")]
+        a_run, b_run = _Runner(hold=True), _Runner()
+        a = Scheduler(s, run=a_run, jobs=jobs, engine=get_engine(url), owner="scheduler-a")
+        a.store.update("retrain", next_due=due)
+        b = Scheduler(s, run=b_run, jobs=jobs, engine=get_engine(url), owner="scheduler-b")
+        result: list = []
+        th = threading.Thread(target=lambda: result.append(a.tick()), daemon=True)
+        th.start()
+        try:
+            assert a_run.started.wait(30), "the first scheduler started the retrain"
+            for _ in range(3):  # past the 1 s lease: the running holder renews it
+                time.sleep(0.8)
+                assert b.tick() == [] and b_run.calls == []
+                assert b.store.get("retrain")["lock_owner"] == "scheduler-a"
+        finally:
+            a_run.release.set()
+            th.join(30)
+        assert result == [["retrain"]] and a_run.calls == [("retrain", "schedule")]
+        row = b.store.get("retrain")
+        assert row["lock_owner"] is None and row["next_due"] > time.time()
+        assert b.tick() == [] and b_run.calls == [], "the job the first ran is not due again for the second"
+        # a holder that died: its lease expires and the other scheduler takes the job over
+        b.store.update("retrain", next_due=due)
+        assert a.store.acquire("retrain", time.time(), 1.0)  # a's lease, never renewed (a "died")
+        assert b.tick() == []
+        time.sleep(1.2)
+        assert b.tick() == ["retrain"] and b_run.calls == [("retrain", "schedule")]
+        get_engine(url).dispose()
