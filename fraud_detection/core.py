@@ -66,10 +66,15 @@ class Settings(BaseSettings):
     features_cron: str = "0 * * * *"  # batch features + materialize (hourly)
     retrain_cron: str = "0 2 * * *"  # scheduled retraining (daily at 02:00 UTC)
     drift_every_min: float = Field(15, ge=0)  # drift check over recent traffic
-    drift_psi_threshold: float = Field(0.25, gt=0)  # PSI above this on any feature triggers retraining
+    drift_psi_threshold: float = Field(0.25, gt=0)  # PSI at or above this on a monitored input or segment is drift
     drift_min_rows: int = Field(500, ge=1)  # recent scored transactions needed before drift is judged
     # operations (issue 17): scheduler state and lease, metrics exporters, log format
     drift_cooldown_min: float = Field(360, ge=0)  # no drift-triggered retrain this soon after any retrain
+    drift_window_rows: int = Field(5000, ge=1)  # latest transactions scored by the champion that a drift check reads
+    drift_score_psi_threshold: float = Field(0.1, gt=0)  # score-distribution PSI that counts as drift
+    drift_rate_ratio: float = Field(2.0, gt=1)  # decision (review+decline) rate this many times off the reference ...
+    drift_rate_alpha: float = Field(1e-3, gt=0, lt=1)  # ... and this significant (binomial test) counts as drift
+    drift_segment_rows: int = Field(200, ge=20)  # last transactions per merchant category for the amount check
     scheduler_lease_s: float = Field(120, gt=0)  # a job's lease in the results DB (renewed while it runs)
     worker_metrics_port: int = Field(9101, ge=0)  # stream worker's Prometheus exporter (0 = off)
     scheduler_metrics_port: int = Field(9102, ge=0)  # scheduler's Prometheus exporter (0 = off)

@@ -64,10 +64,11 @@ class DriftVerdict:
     "The outcome of one drift check."
     checked_at: str
     rows: int  # recent scored transactions compared
-    max_psi: float | None
-    top_feature: str | None
+    max_psi: float | None  # PSI of `top_feature` (None for the decision rate)
+    top_feature: str | None  # first triggered signal, else the monitored input with the highest PSI
     drifted: bool
     action: str  # none | retrain | cooldown | held | too_few_rows | no_reference
+    triggered: list[str] = field(default_factory=list)  # signals that fired (score, decision rate, inputs, segments)
 
 # %% ../nbs/80_scheduler.ipynb #f52e633f
 _metadata = sa.MetaData()
@@ -132,25 +133,12 @@ class ScheduleStore:
 
 # %% ../nbs/80_scheduler.ipynb #df7dc45c
 def check_drift(settings: Settings | None = None, # settings (database, data dir, thresholds)
-                recent_rows: int = 2000, # how many of the latest scored transactions to compare
                ) -> tuple[DriftVerdict, Any]:
-    "Compare recent scored traffic with the training reference; returns the verdict and the per-feature report."
-    from fraud_detection import app, drift
-    from fraud_detection.results import get_engine
-    s = settings or get_settings()
+    "Run `drift.check` (champion's recent traffic vs its validation period); the verdict and the per-signal report."
+    from fraud_detection import drift
+    c = drift.check(settings or get_settings())
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    ref_path = app.find_reference(s.data)
-    if ref_path is None:
-        return DriftVerdict(now, 0, None, None, False, "no_reference"), None
-    recent = app.recent_features(get_engine(s.database_url), limit=recent_rows)
-    if recent.height < s.drift_min_rows:
-        return DriftVerdict(now, recent.height, None, None, False, "too_few_rows"), None
-    reference = app.load_reference(ref_path)
-    report = drift.drift_report(reference, recent, app.numeric_features(reference, recent))
-    top = report.drop_nulls("psi").head(1)
-    max_psi, feat = (float(top["psi"][0]), top["feature"][0]) if top.height else (None, None)
-    drifted = drift.retrain_needed(report, s.drift_psi_threshold)
-    return DriftVerdict(now, recent.height, max_psi, feat, drifted, "retrain" if drifted else "none"), report
+    return DriftVerdict(now, c.rows, c.top_psi, c.top_signal, c.action == "retrain", c.action, c.triggered), c.report
 
 # %% ../nbs/80_scheduler.ipynb #37354bcb
 @contextmanager

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from test_drift import write_scored
 
-from fraud_detection import app, registry
+from fraud_detection import drift, registry
 from fraud_detection.core import Settings, get_settings
 from fraud_detection.ingest import ingest_files, raw_inputs
-from fraud_detection.results import create_tables, fake_predictions, get_engine, write_predictions
+from fraud_detection.results import get_engine
 from fraud_detection.runs import RunRecord, list_runs, run_notebook
 from fraud_detection.scheduler import JobSpec, Scheduler, check_drift, next_due
 from fraud_detection.simulate import simulate_to_files
@@ -41,44 +42,38 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     get_settings.cache_clear()
 
 
-def _scored_traffic(s, reference: pl.DataFrame, n: int, shift: bool) -> None:
-    "Write `n` scored rows whose model inputs are reference rows, optionally drifted (amounts ×8, all at night)."
-    rows = reference.sample(n, with_replacement=True, seed=1)
+def _scored_traffic(s, n: int, shift: bool, tag: str = "") -> None:
+    "Write `n` scored rows drawn from the champion's validation period, optionally drifted (amounts ×8, rescored)."
+    rows = pl.read_parquet(drift.champion_reference(s)).sample(n, with_replacement=True, seed=int(shift))
+    rows = rows.with_columns(trans_num=pl.format("t{}{}-{}", pl.lit(tag), pl.lit(int(shift)), pl.int_range(n)),
+                             customer_id=pl.lit("c"))
+    champion = registry.load("champion")
     if shift:
-        rows = rows.with_columns(amt=pl.col("amt") * 8, log_amt=(pl.col("amt") * 8).log1p(), hour=pl.lit(3, pl.Int32),
-                                 is_night=pl.lit(1, pl.Int8))
-    preds = fake_predictions(n, seed=int(shift)).to_dicts()
-    for p, feats in zip(preds, rows.iter_rows(named=True), strict=True):
-        p["features"] = feats
-    engine = get_engine(s.database_url)
-    create_tables(engine)
-    write_predictions(engine, preds)
+        rows = rows.with_columns(amt=pl.col("amt") * 8, log_amt=(pl.col("amt") * 8).log1p())
+        rows = rows.with_columns(champion.score(rows, explain=False).select("fraud_probability", "decision"))
+    write_scored(s, rows, champion.version)
 
 
 def test_no_drift_means_no_retrain(trained):
     s = trained
-    ref = app.load_reference(app.find_reference(s.data))
-    assert ref.height > 0, "the champion's training reference is stored for drift checks"
-    _scored_traffic(s, ref, 400, shift=False)
+    _scored_traffic(s, 400, shift=False)
     verdict, report = check_drift(s)
     assert verdict.action == "none" and not verdict.drifted, (verdict, report)
 
 
 def test_forced_drift_triggers_recorded_retrain(trained):
     s = trained
-    ref = app.load_reference(app.find_reference(s.data))
-    _scored_traffic(s, ref, 1500, shift=True)  # the most recent rows are now drifted
+    _scored_traffic(s, 1500, shift=True)  # the most recent rows are now drifted
     before = {r.output for r in list_runs("retrain")}
     decisions_before = len(registry.decisions())
-    t = [0.0]
-    sch = Scheduler(s, clock=lambda: t[0])
-    for job in sch.jobs.values():
-        job.every_min = 0  # only the drift check runs
-    t[0] = sch.next_drift
+    t = [time.time()]
+    sch = Scheduler(s, clock=lambda: t[0], jobs=[JobSpec("retrain", "", "once", "retrain"),
+                                                  JobSpec("drift_check", "every 15 min", "skip")])
+    t[0] = sch.store.get("drift_check")["next_due"]
     ran = sch.tick()
-    assert ran == ["drift-check", "retrain"], ran
-    assert sch.last_verdict.drifted and sch.last_verdict.action == "retrain"
-    assert sch.last_verdict.max_psi >= s.drift_psi_threshold
+    assert ran == ["drift_check", "retrain"], ran
+    assert sch.last_verdict.drifted and sch.last_verdict.action == "retrain", sch.last_verdict
+    assert "score" in sch.last_verdict.triggered or "amt" in sch.last_verdict.triggered
     new = [r for r in list_runs("retrain") if r.output not in before]
     assert len(new) == 1 and new[0].status == "ok" and new[0].trigger == "drift"
     assert Path(new[0].output).is_file(), "the executed notebook is kept as the audit trail"
@@ -87,9 +82,10 @@ def test_forced_drift_triggers_recorded_retrain(trained):
     assert decisions[-1]["decision"] in ("promoted", "challenger"), decisions[-1]
     state = json.loads((s.runs / "scheduler.json").read_text())
     assert state["drift"]["action"] == "retrain" and state["jobs"]["retrain"]["last_status"] == "ok"
-    # a second drifted check right away is held back by the cooldown
-    t[0] = sch.next_drift
-    assert sch.tick() == ["drift-check"] and sch.last_verdict.action == "cooldown"
+    # a second drifted check right away (the new champion's traffic drifted too) is held back by the cooldown
+    _scored_traffic(s, 1500, shift=True, tag="after")
+    t[0] = sch.store.get("drift_check")["next_due"]
+    assert sch.tick() == ["drift_check"] and sch.last_verdict.action == "cooldown"
 
 
 class _Runner:
