@@ -17,7 +17,7 @@ import polars as pl
 # %% auto #0
 __all__ = ['PSI_BANDS', 'NOT_MONITORED', 'CALENDAR_PERIODS', 'FLAGGED', 'SEGMENT_BY', 'SEGMENT_FEATURE', 'REFERENCE_FILE', 'psi',
            'drift_report', 'retrain_needed', 'monitor_plan', 'decision_rate_test', 'DriftConfig', 'assess',
-           'champion_reference', 'recent_scored', 'DriftCheck', 'check']
+           'champion_reference', 'serving_version', 'recent_scored', 'DriftCheck', 'check']
 
 # %% ../nbs/61_drift.ipynb #e50736c9
 def _values(s: pl.Series) -> np.ndarray:
@@ -180,11 +180,14 @@ def assess(reference: pl.DataFrame, # champion's validation period: model inputs
     rows.append({"signal": "decision rate", "kind": "decision_rate", "monitored": True, "ratio": ratio, "p_value": p,
                  "reason": "share of review + decline (binomial test against the validation period)",
                  "ref_value": ref_rate, "recent_value": k / recent.height if recent.height else None})
-    plan = monitor_plan(features, span)
-    rep = drift_report(reference, recent, features).join(plan, on="feature")
+    both = [f for f in features if f in reference.columns and f in recent.columns]
+    rep = drift_report(reference, recent, both).join(monitor_plan(both, span), on="feature")
     rows += [{"signal": r["feature"], "kind": "feature", "monitored": r["monitored"], "psi": r["psi"],
               "reason": r["reason"], "ref_value": r["ref_mean"], "recent_value": r["recent_mean"],
               "p_value": r["ks_pvalue"]} for r in rep.iter_rows(named=True)]
+    rows += [{"signal": f, "kind": "feature", "monitored": False, "reason": "missing from the "
+              + ("reference" if f not in reference.columns else "recent rows") + ": cannot be compared"}
+             for f in features if f not in both]  # shown, never silently skipped
     rows += _segments(reference, recent, cfg)
     schema = {"signal": pl.String, "kind": pl.String, "monitored": pl.Boolean, "psi": pl.Float64, "ratio": pl.Float64,
               "p_value": pl.Float64, "ref_value": pl.Float64, "recent_value": pl.Float64, "reason": pl.String,
@@ -196,7 +199,7 @@ def assess(reference: pl.DataFrame, # champion's validation period: model inputs
     hit = (pl.when(pl.col("kind") == "score").then(pl.col("psi") >= cfg.score_psi_threshold)
            .when(pl.col("kind") == "decision_rate").then(rate_hit)
            .otherwise(pl.col("psi") >= cfg.psi_threshold))
-    return df.with_columns(triggered=(pl.col("monitored") & hit.fill_null(False)) & (recent.height >= cfg.min_rows))
+    return df.with_columns(triggered=pl.col("monitored") & hit.fill_null(False))  # `check` needs `min_rows` first
 
 # %% ../nbs/61_drift.ipynb #1ed1ff47
 REFERENCE_FILE = "drift_reference.parquet"  # beside each registered version: its scored validation period
@@ -225,6 +228,15 @@ def champion_reference(settings=None, # default: get_settings()
     out = va.select("ts", *FEATURES).with_columns(scored["fraud_probability"], scored["decision"])
     tmp = path.with_suffix(".tmp"); out.write_parquet(tmp); os.replace(tmp, path)
     return path
+
+def serving_version(engine, # results database
+                   ) -> str | None:
+    "The model that scored the most recently scored transaction: the one serving now (None before any)."
+    import sqlalchemy as sa
+    from fraud_detection.results import predictions
+    c = predictions.c
+    with engine.connect() as conn:
+        return conn.execute(sa.select(c.model_version).order_by(c.scored_at.desc()).limit(1)).scalar()
 
 def recent_scored(engine, # results database
                   version: str, # only transactions this model scored (other models' scores are not comparable)
@@ -255,17 +267,18 @@ class DriftCheck:
 def check(settings=None, # default: get_settings()
           engine=None, # default: the results database
          ) -> DriftCheck:
-    "Compare the champion's recent traffic with its validation period; `action` is `retrain` when any signal fires."
+    "Compare the serving model's recent traffic with its validation period; `action` is `retrain` if a signal fires."
     from fraud_detection import registry
     from fraud_detection.core import get_settings
     from fraud_detection.features import FEATURES
     from fraud_detection.results import get_engine
     s = settings or get_settings()
     cfg = DriftConfig.from_settings(s)
-    ref_path = champion_reference(s)
+    engine = engine or get_engine(s.database_url)
+    version = serving_version(engine) or registry.aliases(s.data / "registry")["champion"]
+    ref_path = champion_reference(s, version) if version else None
     if ref_path is None: return DriftCheck(0, "no_reference", [], None, None, None)
-    recent = recent_scored(engine or get_engine(s.database_url), registry.aliases(s.data / "registry")["champion"],
-                           s.drift_window_rows)
+    recent = recent_scored(engine, version, s.drift_window_rows)
     if recent.height < cfg.min_rows: return DriftCheck(recent.height, "too_few_rows", [], None, None, None)
     rep = assess(pl.read_parquet(ref_path), recent, FEATURES, cfg)
     fired = rep.filter("triggered")["signal"].to_list()
