@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     scheduler_lease_s: float = Field(120, gt=0)  # a job's lease in the results DB (renewed while it runs)
     worker_metrics_port: int = Field(9101, ge=0)  # stream worker's Prometheus exporter (0 = off)
     scheduler_metrics_port: int = Field(9102, ge=0)  # scheduler's Prometheus exporter (0 = off)
+    metrics_host: str = "127.0.0.1"  # interface of the worker and scheduler exporters (0.0.0.0 in containers)
     api_metrics_dir: Path | None = None  # PROMETHEUS_MULTIPROC_DIR for `fraud serve` (default: runs/prometheus-api)
     log_format: Literal["rich", "json"] = "rich"  # FRAUD_LOG_FORMAT=json: one JSON object per line (containers)
 

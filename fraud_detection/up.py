@@ -185,7 +185,7 @@ def plan_services(settings=None, rate: float = 50.0, limit: int | None = None,
             Service("worker", fraud_cmd("stream", "work")),
             Service("api", fraud_cmd("serve"), port=s.api_port),
             Service("app", fraud_cmd("app"), port=s.app_port),
-            Service("scheduler", fraud_cmd("schedule")),
+            Service("scheduler", fraud_cmd("schedule"), port=s.scheduler_metrics_port or None),  # its exporter
             Service("producer", fraud_cmd(*produce), oneshot=True)]
     return [svc for svc in plan if svc is not None and svc.name in only]
 

@@ -54,8 +54,12 @@ def _env(root: Path, ports: dict[str, int]) -> dict[str, str]:
     return env
 
 
+LISTENING = ("FRAUD_BROKER_PORT", "FRAUD_API_PORT", "FRAUD_APP_PORT", "FRAUD_SCHEDULER_METRICS_PORT")
+
+
 def _ports() -> dict[str, int]:
-    return {"FRAUD_BROKER_PORT": free_port(), "FRAUD_API_PORT": free_port(), "FRAUD_APP_PORT": free_port()}
+    return {"FRAUD_BROKER_PORT": free_port(), "FRAUD_API_PORT": free_port(), "FRAUD_APP_PORT": free_port(),
+            "FRAUD_SCHEDULER_METRICS_PORT": free_port(), "FRAUD_WORKER_METRICS_PORT": free_port()}
 
 
 def test_fraud_up_runs_scores_and_stops_cleanly(data_root: Path):
@@ -139,7 +143,7 @@ def test_kill_9_of_fraud_up_leaves_no_service(data_root: Path):
     api = f"http://127.0.0.1:{ports['FRAUD_API_PORT']}"
     try:
         deadline = time.monotonic() + 300
-        while _get(f"{api}/readyz")[0] != 200 or not all(not port_free(p) for p in ports.values()):
+        while _get(f"{api}/readyz")[0] != 200 or not all(not port_free(ports[k]) for k in LISTENING):
             assert proc.poll() is None, (data_root / "up-kill.log").read_text()[-3000:]
             assert time.monotonic() < deadline, (data_root / "up-kill.log").read_text()[-3000:]
             time.sleep(1)
