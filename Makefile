@@ -58,9 +58,11 @@ check-sync: install
 lint: install
 	$(BIN)/ruff check fraud_detection tests bench feature_repo
 
-## Chromium for the browser test (Debian packages; nothing downloaded by a test tool).
+## Chromium for the browser test, Prometheus (+ promtool) for the metrics and alert-rule tests (Debian packages;
+## nothing downloaded by a test tool).
 system-deps:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
 lock:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
