@@ -200,11 +200,12 @@ def app_cmd(
 
 @app.command("schedule")
 def schedule_cmd():
-    "Run the scheduler: batch features and retraining on intervals, retraining on drift."
+    "Run the scheduler: batch features and retraining on cron schedules (state in the results DB), retraining on drift."
     from fraud_detection.scheduler import serve_scheduler
     s = _init()
-    _console().print(f"scheduler: features every {s.features_every_min:g} min, retrain every {s.retrain_every_min:g} min, "
-                     f"drift check every {s.drift_every_min:g} min (PSI ≥ {s.drift_psi_threshold:g}); runs in {s.runs}")
+    _console().print(f"scheduler: batch features '{s.features_cron}', retrain '{s.retrain_cron}' (cron, UTC), drift check "
+                     f"every {s.drift_every_min:g} min; state in {s.database_url.split('@')[-1]}; runs in {s.runs}; "
+                     f"metrics on port {s.scheduler_metrics_port or 'off'}")
     serve_scheduler(s)
 
 @app.command("bootstrap")

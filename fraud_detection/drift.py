@@ -271,10 +271,11 @@ def check(settings=None, # default: get_settings()
     from fraud_detection import registry
     from fraud_detection.core import get_settings
     from fraud_detection.features import FEATURES
-    from fraud_detection.results import get_engine
+    from fraud_detection.results import create_tables, get_engine
     s = settings or get_settings()
     cfg = DriftConfig.from_settings(s)
     engine = engine or get_engine(s.database_url)
+    create_tables(engine)  # a check before the first scored transaction finds empty tables, not missing ones
     version = serving_version(engine) or registry.aliases(s.data / "registry")["champion"]
     ref_path = champion_reference(s, version) if version else None
     if ref_path is None: return DriftCheck(0, "no_reference", [], None, None, None)

@@ -146,7 +146,7 @@ class SchedulerCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s, p = self.sch, "fraud_scheduler_"
-        runs = CounterMetricFamily(p + "runs", "job runs by outcome since start", labels=["job", "outcome"])
+        runs = CounterMetricFamily(p + "runs", "job runs by outcome since start", labels=["task", "outcome"])
         for (job, outcome), n in sorted(s.runs.items()): runs.add_metric([job, outcome], n)
         yield runs
         rows = _safe(s.store.all)
@@ -154,7 +154,7 @@ class SchedulerCollector(Collector):
                                 int(rows is not None))
         for col, doc in (("last_run", "start of the last run"), ("last_success", "end of the last successful run"),
                          ("next_due", "next due time")):
-            g = GaugeMetricFamily(f"{p}{col}_timestamp_seconds", f"{doc} (Unix time)", labels=["job"])
+            g = GaugeMetricFamily(f"{p}{col}_timestamp_seconds", f"{doc} (Unix time)", labels=["task"])
             for job, r in sorted((rows or {}).items()):
                 if r[col] is not None and job in s.jobs: g.add_metric([job], r[col])
             yield g

@@ -242,12 +242,14 @@ class Scheduler(JobRunner):
 
     def drift_check(self, stop: threading.Event | None = None) -> list[str]:
         "Judge recent traffic; retrain (unless in cooldown or held by another scheduler). Returns ['retrain'] if it ran."
-        verdict, self.last_report = check_drift(self.s)
+        try: verdict, self.last_report = check_drift(self.s)
+        except Exception as e:  # e.g. the database briefly unreachable: the next check comes on schedule
+            self.runs["drift_check", "failed"] += 1; self.store.update("drift_check", last_status="failed")
+            log.error("drift check failed: %s", e); return []
         cooldown = (self.store.get("retrain") or {}).get("cooldown_until")
         if verdict.drifted and cooldown is not None and self.clock() < cooldown:
             verdict.action = "cooldown"
-        self.last_verdict = verdict
-        self.runs["drift_check", "ok"] += 1
+        self.last_verdict = verdict; self.runs["drift_check", "ok"] += 1
         self.store.update("drift_check", info=json.dumps(asdict(verdict)), last_status="ok", last_success=self.clock())
         log.info("drift check: %s rows, max PSI %s (%s) → %s", verdict.rows, verdict.max_psi, verdict.top_feature,
                  verdict.action)
