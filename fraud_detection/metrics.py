@@ -130,13 +130,18 @@ def serve_worker_metrics(stats, # the worker's live WorkerStats
                          addr: str | None = None, # interface (default: settings.metrics_host)
                         ) -> tuple[Any, threading.Thread]:
     "Start the worker's Prometheus exporter (a daemon thread); returns (server, thread): `server.shutdown()` stops it."
+    return _serve(WorkerCollector(stats, lag, models), port, addr, "worker")
+
+def _serve(collector: Collector, port: int, addr: str | None, what: str) -> tuple[Any, threading.Thread]:
+    "An HTTP exporter of `collector` plus the process metrics (CPU, memory, open files) on addr:port."
     from prometheus_client import ProcessCollector
     from fraud_detection.core import get_settings
+    addr = addr or get_settings().metrics_host
     r = CollectorRegistry()
-    r.register(WorkerCollector(stats, lag, models))
+    r.register(collector)
     ProcessCollector(registry=r)
-    server, thread = start_http_server(port, addr or get_settings().metrics_host, registry=r)
-    log.info("worker metrics on http://%s:%d/metrics", addr or get_settings().metrics_host, server.server_port)
+    server, thread = start_http_server(port, addr, registry=r)
+    log.info("%s metrics on http://%s:%d/metrics", what, addr, server.server_port)
     return server, thread
 
 # %% ../nbs/70_metrics.ipynb #0516489e
@@ -186,14 +191,7 @@ def _drift_metrics(verdict, report) -> Iterator[Metric]:
 
 def serve_scheduler_metrics(scheduler, port: int, addr: str | None = None) -> tuple[Any, threading.Thread]:
     "Start the scheduler's Prometheus exporter (a daemon thread); returns (server, thread)."
-    from prometheus_client import ProcessCollector
-    from fraud_detection.core import get_settings
-    r = CollectorRegistry()
-    r.register(SchedulerCollector(scheduler))
-    ProcessCollector(registry=r)
-    server, thread = start_http_server(port, addr or get_settings().metrics_host, registry=r)
-    log.info("scheduler metrics on http://%s:%d/metrics", addr or get_settings().metrics_host, server.server_port)
-    return server, thread
+    return _serve(SchedulerCollector(scheduler), port, addr, "scheduler")
 
 # %% ../nbs/70_metrics.ipynb #92f0ede0
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
