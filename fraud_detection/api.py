@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'Decision', 'PredictorDep', 'ApiKey', 'Explain', 'TopK', 'Reason', 'Prediction', 'BatchPredictions',
            'ModelInfo', 'OnlineFeatures', 'Champion', 'ModelUnavailable', 'Predictor', 'Metrics', 'RequestMetrics',
-           'ApiConfig', 'get_predictor', 'check_api_key', 'create_app', 'serve']
+           'ApiConfig', 'get_predictor', 'check_api_key', 'create_app', 'serve', 'worker_app']
 
 # %% ../nbs/50_api.ipynb #bfdd2115
 Decision = Literal["approve", "review", "decline"]
@@ -466,7 +466,20 @@ def serve(host: str | None = None,  # interface (default: settings.api_host)
     import uvicorn
     from fraud_detection.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
     s = get_settings()
-    if (workers or s.api_workers) > 1 or os.environ.get(MULTIPROC_ENV):  # before uvicorn spawns its workers
+    n = workers or s.api_workers
+    if n > 1 or os.environ.get(MULTIPROC_ENV):  # before uvicorn spawns its workers
         prepare_multiprocess_dir(Path(os.environ.get(MULTIPROC_ENV) or s.api_metrics_dir or s.runs / "prometheus-api"))
-    uvicorn.run("fraud_detection.api:create_app", factory=True, host=host or s.api_host, port=port or s.api_port,
-                workers=workers or s.api_workers, log_level=log_level, access_log=False)
+    os.environ["FRAUD_API_MASTER_PID"] = str(os.getpid())  # a handshake with `worker_app`, not a setting
+    factory = "fraud_detection.api:worker_app" if n > 1 else "fraud_detection.api:create_app"
+    uvicorn.run(factory, factory=True, host=host or s.api_host, port=port or s.api_port, workers=n, log_level=log_level,
+                access_log=False)
+
+def worker_app() -> FastAPI:
+    "The factory uvicorn's worker processes call: `create_app()`, in a process that dies with the uvicorn master."
+    import os
+    import sys
+    if sys.platform == "linux":  # PR_SET_PDEATHSIG: a SIGKILLed master (OOM, `kill -9 fraud up`) leaves no orphan
+        from fraud_detection.broker import _die_with_parent
+        _die_with_parent()
+        if str(os.getppid()) != os.environ.get("FRAUD_API_MASTER_PID"): os._exit(1)  # it died before we asked
+    return create_app()

@@ -136,7 +136,7 @@ def _running(pids: set[int]) -> list[str]:
 def test_kill_9_of_fraud_up_leaves_no_service(data_root: Path):
     "An OOM kill / hard kill of the supervisor: every service dies with it and its ports are free again."
     ports = _ports()
-    env = {**_env(data_root, ports), "FRAUD_API_WORKERS": "1"}
+    env = {**_env(data_root, ports), "FRAUD_API_WORKERS": "2"}  # uvicorn workers are grandchildren: they must die too
     log = open(data_root / "up-kill.log", "wb")
     proc = subprocess.Popen([FRAUD, "up", "--scale", "small", "--services", "broker,worker,api,app,scheduler"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
