@@ -99,8 +99,8 @@ class Supervisor:
                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         log.close()
 
-    def start(self, svc: Service, wait: float = 60) -> None:
-        "Start one service; if it has a port, wait until it listens."
+    def start(self, svc: Service, wait: float = 180) -> None:
+        "Start one service; if it has a port, wait until it listens (the API listens after loading model and store)."
         check_ports([svc])
         self._spawn(svc)
         if svc.port and not wait_port(svc.port, wait, alive=lambda: svc.proc.poll() is None):
