@@ -25,11 +25,12 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, Field, create_model
 
 from .core import Settings, get_settings
 from .features import RISK_ENTITIES, RISK_SCHEMA, STATE_SCHEMA, empty_state, incremental_features, request_row
+from .metrics import exposition
 from .schema import Transaction, to_frame
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'Decision', 'PredictorDep', 'ApiKey', 'Explain', 'TopK', 'Reason', 'Prediction', 'BatchPredictions',
            'ModelInfo', 'OnlineFeatures', 'Champion', 'ModelUnavailable', 'Predictor', 'Metrics', 'RequestMetrics',
-           'ApiConfig', 'get_predictor', 'check_api_key', 'create_app', 'serve']
+           'ApiConfig', 'get_predictor', 'check_api_key', 'create_app', 'serve', 'worker_app']
 
 # %% ../nbs/50_api.ipynb #bfdd2115
 Decision = Literal["approve", "review", "decline"]
@@ -214,7 +215,7 @@ class Predictor:
 
 # %% ../nbs/50_api.ipynb #b71fbd85
 class Metrics:
-    "The API's Prometheus metrics, in their own registry."
+    "The API's Prometheus metrics, in their own registry (merged over uvicorn workers in multiprocess mode)."
     def __init__(self):
         self.registry = r = CollectorRegistry()
         self.latency = Histogram("fraud_api_request_duration_seconds", "request latency (s) by endpoint and decision",
@@ -226,10 +227,11 @@ class Metrics:
                                    ["endpoint", "decision"], registry=r)
         self.degraded = Counter("fraud_api_degraded_total", "transactions answered without the online store", registry=r)
         self.store_failures = Gauge("fraud_api_online_store_failures", "failed or late online-store reads since start",
-                                    registry=r)
-        self.reloads = Gauge("fraud_api_model_reloads", "champion models hot-swapped in since start", registry=r)
+                                    registry=r, multiprocess_mode="livesum")
+        self.reloads = Gauge("fraud_api_model_reloads", "champion models hot-swapped in since start", registry=r,
+                             multiprocess_mode="livemax")
         self.model = Gauge("fraud_api_model_info", "1 for the serving model version, 0 for versions served before",
-                           ["version"], registry=r)
+                           ["version"], registry=r, multiprocess_mode="livemax")
         self._shown: str | None = None
 
     def render(self, predictor: Predictor | None) -> bytes:
@@ -244,7 +246,7 @@ class Metrics:
                 if version is not None:
                     self.model.labels(version).set(1)
                 self._shown = version
-        return generate_latest(self.registry)
+        return exposition(self.registry)
 
 # %% ../nbs/50_api.ipynb #5020cb5e
 class RequestMetrics:
@@ -466,8 +468,25 @@ def serve(host: str | None = None,  # interface (default: settings.api_host)
           workers: int | None = None,  # uvicorn worker processes (default: settings.api_workers)
           log_level: str = "info",  # uvicorn log level
          ) -> None:
-    "Run the API with uvicorn until stopped."
+    "Run the API with uvicorn until stopped (several workers: Prometheus multiprocess mode, see `metrics`)."
+    import os
     import uvicorn
+    from fraud_detection.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
     s = get_settings()
-    uvicorn.run("fraud_detection.api:create_app", factory=True, host=host or s.api_host, port=port or s.api_port,
-                workers=workers or s.api_workers, log_level=log_level, access_log=False)
+    n = workers or s.api_workers
+    if n > 1 or os.environ.get(MULTIPROC_ENV):  # before uvicorn spawns its workers
+        prepare_multiprocess_dir(Path(os.environ.get(MULTIPROC_ENV) or s.api_metrics_dir or s.runs / "prometheus-api"))
+    os.environ["FRAUD_API_MASTER_PID"] = str(os.getpid())  # a handshake with `worker_app`, not a setting
+    factory = "fraud_detection.api:worker_app" if n > 1 else "fraud_detection.api:create_app"
+    uvicorn.run(factory, factory=True, host=host or s.api_host, port=port or s.api_port, workers=n, log_level=log_level,
+                access_log=False)
+
+def worker_app() -> FastAPI:
+    "The factory uvicorn's worker processes call: `create_app()`, in a process that dies with the uvicorn master."
+    import os
+    import sys
+    if sys.platform == "linux":  # PR_SET_PDEATHSIG: a SIGKILLed master (OOM, `kill -9 fraud up`) leaves no orphan
+        from fraud_detection.broker import _die_with_parent
+        _die_with_parent()
+        if str(os.getppid()) != os.environ.get("FRAUD_API_MASTER_PID"): os._exit(1)  # it died before we asked
+    return create_app()

@@ -25,6 +25,19 @@ app.add_typer(stream_app, name="stream")
 features_app = typer.Typer(help="Batch features: offline store, online store (Feast).", no_args_is_help=True)
 app.add_typer(features_app, name="features")
 
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import PackageNotFoundError, version
+        try: v = version("fraud-detection-service")
+        except PackageNotFoundError: from fraud_detection import __version__ as v
+        print(f"fraud-detection-service {v}")
+        raise typer.Exit()
+
+@app.callback()
+def _main(show_version: Annotated[bool, typer.Option("--version", help="print the version and exit", is_eager=True,
+                                                     callback=_version)] = False):
+    "fraud-detection-service: online card-fraud detection (data → features → model → stream → API → app)."
+
 def _console():
     from rich.console import Console
     return Console(stderr=False)
@@ -162,7 +175,7 @@ def train_cmd(
 ):
     "Run scheduled/retrain.ipynb: training set → train (+ baseline) → evaluate → register → promotion gate."
     from fraud_detection import registry
-    from fraud_detection.runs import run_notebook
+    from fraud_detection.runs import RunFailed, run_notebook
     s = _init()
     engine = ("spark" if s.spark_master else "memory") if engine == "auto" else engine
     if engine not in ("memory", "external", "spark"): raise typer.BadParameter(f"unknown engine {engine!r}")
@@ -174,7 +187,11 @@ def train_cmd(
                          f"champion [bold]{al['champion']}[/], challenger {al['challenger']}; training set {out['training_set']}")
         return
     params = {"margin": margin, "labels_from_db": labels_from_db, **({"grid": None} if quick else {})}
-    rec = run_notebook("retrain", params, trigger="cli")
+    try:
+        rec = run_notebook("retrain", params, trigger="cli")
+    except RunFailed as e:  # one line (cell, error, executed notebook), not papermill's traceback
+        _console().print(f"[red]training failed:[/] {e}", soft_wrap=True)
+        raise typer.Exit(1) from None
     al = registry.aliases()
     _console().print(f"trained in {rec.seconds:.0f} s; champion [bold]{al['champion']}[/], challenger {al['challenger']}\n"
                      f"executed notebook: [bold]{rec.output}[/]; reports under {s.data / 'reports'}")
@@ -206,11 +223,12 @@ def app_cmd(
 
 @app.command("schedule")
 def schedule_cmd():
-    "Run the scheduler: batch features and retraining on intervals, retraining on drift."
+    "Run the scheduler: batch features and retraining on cron schedules (state in the results DB), retraining on drift."
     from fraud_detection.scheduler import serve_scheduler
     s = _init()
-    _console().print(f"scheduler: features every {s.features_every_min:g} min, retrain every {s.retrain_every_min:g} min, "
-                     f"drift check every {s.drift_every_min:g} min (PSI ≥ {s.drift_psi_threshold:g}); runs in {s.runs}")
+    _console().print(f"scheduler: batch features '{s.features_cron}', retrain '{s.retrain_cron}' (cron, UTC), drift check "
+                     f"every {s.drift_every_min:g} min; state in {s.database_url.split('@')[-1]}; runs in {s.runs}; "
+                     f"metrics on port {s.scheduler_metrics_port or 'off'}")
     serve_scheduler(s)
 
 @app.command("bootstrap")
@@ -229,12 +247,16 @@ def up_cmd(
     services: Annotated[str, typer.Option(help="comma-separated subset of broker,worker,api,app,scheduler,producer")] = "all",
 ):
     "Run the whole system on one machine: bootstrap, then broker, worker, API, app, scheduler and replay."
-    from fraud_detection.up import SERVICES, up
+    from fraud_detection.up import SERVICES, ServiceFailed, up
     s = _init()
     only = SERVICES if services == "all" else tuple(x.strip() for x in services.split(","))
     unknown = set(only) - set(SERVICES)
     if unknown: raise typer.BadParameter(f"unknown services: {sorted(unknown)}")
-    up(scale, rate, limit, only, s, echo=_console().print)
+    try:
+        up(scale, rate, limit, only, s, echo=_console().print)
+    except ServiceFailed as e:
+        _console().print(f"[red]{e}[/]", soft_wrap=True)
+        raise typer.Exit(1) from None
 
 # %% ../nbs/90_cli.ipynb #ff450d22
 def main() -> None:

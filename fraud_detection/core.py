@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # %% auto #0
 __all__ = ['RAW_COLUMNS', 'PII_COLUMNS', 'IDENTITY_COLUMNS', 'CATEGORIES', 'RAW_TIME_FORMAT', 'DOB_FORMAT', 'find_home',
-           'Settings', 'get_settings', 'clean_schema', 'setup_logging']
+           'Settings', 'get_settings', 'clean_schema', 'JsonFormatter', 'setup_logging']
 
 # %% ../nbs/00_core.ipynb #54e9c443
 def find_home(start: Path | None = None) -> Path:
@@ -62,12 +62,25 @@ class Settings(BaseSettings):
     api_reload_interval_s: float = Field(1.0, gt=0)  # how often the champion alias is checked (hot reload)
     api_top_k: int = Field(3, ge=1, le=20)  # SHAP reasons per prediction unless the request asks otherwise
     app_port: int = 8501
-    # scheduler (`fraud schedule`, started by `fraud up`): intervals in minutes, 0 = never
-    features_every_min: float = Field(60, ge=0)  # batch features + materialize
-    retrain_every_min: float = Field(24 * 60, ge=0)  # scheduled retraining
+    # scheduler (`fraud schedule`, started by `fraud up`): crontabs in UTC ('' = never), drift interval (0 = never)
+    features_cron: str = "0 * * * *"  # batch features + materialize (hourly)
+    retrain_cron: str = "0 2 * * *"  # scheduled retraining (daily at 02:00 UTC)
     drift_every_min: float = Field(15, ge=0)  # drift check over recent traffic
-    drift_psi_threshold: float = Field(0.25, gt=0)  # PSI above this on any feature triggers retraining
+    drift_psi_threshold: float = Field(0.25, gt=0)  # PSI at or above this on a monitored input or segment is drift
     drift_min_rows: int = Field(500, ge=1)  # recent scored transactions needed before drift is judged
+    # operations (issue 17): scheduler state and lease, metrics exporters, log format
+    drift_cooldown_min: float = Field(360, ge=0)  # no drift-triggered retrain this soon after any retrain
+    drift_window_rows: int = Field(5000, ge=1)  # latest transactions scored by the champion that a drift check reads
+    drift_score_psi_threshold: float = Field(0.1, gt=0)  # score-distribution PSI that counts as drift
+    drift_rate_ratio: float = Field(2.0, gt=1)  # decision (review+decline) rate this many times off the reference ...
+    drift_rate_alpha: float = Field(1e-3, gt=0, lt=1)  # ... and this significant (binomial test) counts as drift
+    drift_segment_rows: int = Field(200, ge=20)  # last transactions per merchant category for the amount check
+    scheduler_lease_s: float = Field(120, gt=0)  # a job's lease in the results DB (renewed while it runs)
+    worker_metrics_port: int = Field(9101, ge=0)  # stream worker's Prometheus exporter (0 = off)
+    scheduler_metrics_port: int = Field(9102, ge=0)  # scheduler's Prometheus exporter (0 = off)
+    metrics_host: str = "127.0.0.1"  # interface of the worker and scheduler exporters (0.0.0.0 in containers)
+    api_metrics_dir: Path | None = None  # PROMETHEUS_MULTIPROC_DIR for `fraud serve` (default: runs/prometheus-api)
+    log_format: Literal["rich", "json"] = "rich"  # FRAUD_LOG_FORMAT=json: one JSON object per line (containers)
     # batch features, training sets and training on Apache Spark (spark://host:7077); None = local polars
     spark_master: str | None = None
 
@@ -117,11 +130,28 @@ def clean_schema() -> dict:
         "merch_long": pl.Float64, "is_fraud": pl.Int8}
 
 # %% ../nbs/00_core.ipynb #ca010f9e
+class JsonFormatter(logging.Formatter):
+    "One JSON object per line: time (UTC, ISO), level, logger, message, and the exception if any."
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        from datetime import datetime, timezone
+        out = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+               "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+               "process": record.process}
+        if record.exc_info: out["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
 def setup_logging(level: str | int = "INFO") -> None:
-    "Configure the root logger once for an entry point (rich console handler)."
-    from rich.logging import RichHandler
+    "Configure the root logger once for an entry point: rich console, or JSON lines with `FRAUD_LOG_FORMAT=json`."
     root = logging.getLogger()
-    if any(isinstance(h, RichHandler) for h in root.handlers):
+    if getattr(root, "_fraud_configured", False):
         return
-    logging.basicConfig(level=os.environ.get("FRAUD_LOG_LEVEL", level), format="%(name)s: %(message)s",
-                        datefmt="[%X]", handlers=[RichHandler(rich_tracebacks=True, show_path=False)])
+    if os.environ.get("FRAUD_LOG_FORMAT", "rich").lower() == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+    else:
+        from rich.logging import RichHandler
+        handler = RichHandler(rich_tracebacks=True, show_path=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s", datefmt="[%X]"))
+    logging.basicConfig(level=os.environ.get("FRAUD_LOG_LEVEL", level), handlers=[handler], force=True)
+    root._fraud_configured = True

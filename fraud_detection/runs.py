@@ -16,7 +16,7 @@ from typing import Any
 from .core import get_settings
 
 # %% auto #0
-__all__ = ['RunRecord', 'run_notebook', 'list_runs']
+__all__ = ['RunRecord', 'RunFailed', 'run_notebook', 'list_runs']
 
 # %% ../nbs/05_runs.ipynb #c4ebb247
 @dataclass
@@ -40,18 +40,32 @@ class RunRecord:
         tmp.write_text(json.dumps(asdict(self), indent=1, default=str))
         os.replace(tmp, self.record_path)
 
-# %% ../nbs/05_runs.ipynb #fd8e29ec
+# %% ../nbs/05_runs.ipynb #81eb73ac
 def _jsonable(parameters: dict[str, Any]) -> dict[str, Any]:
     "Parameters papermill can inject (paths and datetimes as strings)."
     return {k: (str(v) if isinstance(v, (Path, datetime)) else v) for k, v in parameters.items()}
 
+def _failure(e: BaseException) -> str:
+    "One line: the failing cell (execution count and first line) and its error, or the exception's last line."
+    if hasattr(e, "ename"):  # papermill's PapermillExecutionError
+        first = next((ln.strip() for ln in (e.source or "").splitlines() if ln.strip() and not ln.startswith("#|")), "")
+        return f"cell [{e.exec_count}] `{first[:80]}`: {e.ename}: {str(e.evalue).strip()[:300]}"
+    return (str(e).strip().splitlines() or [type(e).__name__])[-1][:500]
+
+class RunFailed(RuntimeError):
+    "A scheduled notebook failed: one line naming the cell, the error and the executed notebook."
+    def __init__(self, record: RunRecord):
+        self.record = record
+        super().__init__(f"{record.name} failed at {record.error}; executed notebook: {record.output}")
+
+# %% ../nbs/05_runs.ipynb #fd8e29ec
 def run_notebook(name: str, # notebook in `scheduled/` (without .ipynb)
                  parameters: dict[str, Any] | None = None, # values for its `parameters` cell
                  runs_dir: Path | None = None, # default: settings.runs
                  trigger: str = "manual", # why it ran, kept in the record
                  progress: bool = True, # papermill's cell progress bar
                 ) -> RunRecord:
-    "Execute `scheduled/<name>.ipynb` with papermill into the runs folder; raise after recording a failure."
+    "Execute `scheduled/<name>.ipynb` with papermill into the runs folder; raise `RunFailed` after recording a failure."
     import papermill as pm
     s = get_settings()
     src = s.home / "scheduled" / f"{name}.ipynb"
@@ -67,8 +81,11 @@ def run_notebook(name: str, # notebook in `scheduled/` (without .ipynb)
         pm.execute_notebook(str(src), rec.output, parameters=params, cwd=str(s.home / "scheduled"),
                             progress_bar=progress, kernel_name="python3")
         rec.status = "ok"
-    except BaseException as e:
-        rec.status, rec.error = "failed", (str(e).strip().splitlines() or [type(e).__name__])[-1][:500]
+    except Exception as e:
+        rec.status, rec.error = "failed", _failure(e)
+        raise RunFailed(rec) from e
+    except BaseException as e:  # Ctrl-C: recorded, re-raised as is
+        rec.status, rec.error = "failed", _failure(e)
         raise
     finally:
         rec.seconds = round(time.perf_counter() - t0, 2)

@@ -341,63 +341,56 @@ def _report_section() -> None:
             col.image(str(img), caption=img.stem.replace("_", " "), width="stretch")
 
 # %% ../nbs/62_streamlit_app.ipynb #4f51ed27
-@st.cache_data(ttl=60, show_spinner="Comparing with the training reference…")
-def _drift(url: str, ref_path: str, ref_mtime: float, n_recent: int) -> pl.DataFrame:
-    "Cached drift report of the latest `n_recent` predictions vs the reference file (keyed by its mtime)."
-    ref = A.load_reference(ref_path)
-    recent = A.recent_features(_engine(url), limit=n_recent)
-    return D.drift_report(ref, recent, A.numeric_features(ref, recent))
+@st.cache_data(ttl=60, show_spinner="Comparing with the champion's validation period…")
+def _drift(url: str, ref_path: str, ref_mtime: float, version: str, n_recent: int, psi_threshold: float) -> pl.DataFrame:
+    "Cached `drift.assess` of the champion's latest `n_recent` scored transactions vs its validation period."
+    from dataclasses import replace
+    from fraud_detection.features import FEATURES
+    recent = D.recent_scored(_engine(url), version, n_recent)
+    if recent.height == 0: return pl.DataFrame()
+    cfg = replace(D.DriftConfig.from_settings(C.get_settings()), psi_threshold=psi_threshold)
+    return D.assess(pl.read_parquet(ref_path), recent, FEATURES, cfg)
 
-def drift_page() -> None:
-    "Page 4: per-feature drift of recent traffic vs training, retraining trigger state, recent retraining runs."
-    url, s = _url(), C.get_settings()
-    st.title("Drift")
-    if query("results.event_clock", url) is None:
-        empty_state("drift figures")
-    else:
-        c = st.columns([1, 1, 4])
-        n_recent = c[0].number_input("Recent transactions", min_value=100, max_value=50_000, value=2_000, step=500, key="dr_n")
-        threshold = c[1].number_input("PSI trigger", min_value=0.01, max_value=5.0, value=float(s.drift_psi_threshold), step=0.05,
-                                      key="dr_thr")
-        ref_path = A.find_reference()
-        if ref_path is None:
-            st.warning("No training reference yet: expected a training feature file `data/features/train*.parquet` "
-                       "(written by the feature pipeline / training).", icon=":material/dataset:")
-        else:
-            rep = _drift(url, str(ref_path), ref_path.stat().st_mtime, int(n_recent))
-            n = int(rep["n_recent"].max() or 0) if rep.height else 0
-            enough = n >= s.drift_min_rows
-            need = D.retrain_needed(rep, threshold)
-            drifted = ", ".join(A.feature_label(f) for f in rep.filter(pl.col("psi") >= threshold)["feature"])
-            if need and enough:
-                st.error(f"**Retraining triggered**: PSI ≥ {threshold:g} on {drifted}.", icon=":material/warning:")
-            elif need:
-                st.warning(f"**Drift** (PSI ≥ {threshold:g}) on {drifted}, but only {n:,} recent transactions: "
-                           f"the trigger needs {s.drift_min_rows:,}.", icon=":material/info:")
-            else:
-                st.success(f"**No retraining needed**: every feature below PSI {threshold:g} ({n:,} recent vs "
-                           f"{int(rep['n_ref'].max() or 0):,} reference rows).", icon=":material/check_circle:")
-            sched = A.scheduler_state()
-            if sched and sched.get("drift"):
-                v = sched["drift"]
-                st.caption(f"Scheduler's last drift check ({str(v.get('checked_at', ''))[:19].replace('T', ' ')}): "
-                           f"{v.get('rows', 0):,} rows, max PSI {_num(v.get('max_psi'), '{:.3f}')}"
-                           f"{' on ' + A.feature_label(v['top_feature']) if v.get('top_feature') else ''} → **{v.get('action')}**")
-            elif sched is None:
-                st.caption("The scheduler (`fraud schedule`, part of `fraud up`) has not published a drift check yet.")
-            st.altair_chart(A.psi_chart(rep, threshold), width="stretch")
-            st.dataframe(rep.with_columns(pl.col("feature").map_elements(A.feature_label, return_dtype=pl.String).alias("name"))
-                         .drop("n_ref", "n_recent"), hide_index=True, width="stretch", height=min(640, 35 * (rep.height + 1) + 3),
-                         column_order=["name", "psi", "status", "ks_stat", "ks_pvalue", "ref_mean", "recent_mean",
-                                       "ref_null_rate", "recent_null_rate"],
-                         column_config={"name": "Feature", "psi": st.column_config.NumberColumn("PSI", format="%.3f"),
-                                        "status": "Band", "ks_stat": st.column_config.NumberColumn("KS", format="%.3f"),
-                                        "ks_pvalue": st.column_config.NumberColumn("KS p-value", format="%.2e"),
-                                        "ref_mean": st.column_config.NumberColumn("Mean (training)", format="%.3g"),
-                                        "recent_mean": st.column_config.NumberColumn("Mean (recent)", format="%.3g"),
-                                        "ref_null_rate": st.column_config.NumberColumn("Missing (training)", format="percent"),
-                                        "recent_null_rate": st.column_config.NumberColumn("Missing (recent)", format="percent")})
-            st.caption(f"Reference: {ref_path}. PSI bands: < {D.PSI_BANDS[0]} stable, < {D.PSI_BANDS[1]} moderate, above major.")
+def _signal_names(rep: pl.DataFrame) -> pl.DataFrame:
+    "The report with a plain name per signal (model inputs by their labels)."
+    label = pl.col("signal").map_elements(A.feature_label, return_dtype=pl.String)
+    return rep.with_columns(name=pl.when(pl.col("kind") == "feature").then(label).otherwise(pl.col("signal")))
+
+def _drift_reference(s, url: str) -> tuple[str | None, Path | None]:
+    "(serving model version, its validation-period reference) or a warning shown and (version, None)."
+    version = D.serving_version(_engine(url)) or A.champion_version(s.data)
+    if version is None:
+        st.warning("No champion model yet: drift is judged against the champion's validation period.",
+                   icon=":material/dataset:")
+        return None, None
+    try:
+        with st.spinner("Scoring the champion's validation period (once per model version)…"):
+            return version, D.champion_reference(s, version)
+    except Exception as e:  # e.g. no clean data on this machine
+        st.warning(f"No validation reference for champion {version} yet ({e}).", icon=":material/dataset:")
+        return version, None
+
+_DRIFT_COLUMNS = {"name": "Signal", "kind": "Kind", "monitored": "Monitored", "triggered": "Fired",
+                  "psi": st.column_config.NumberColumn("PSI", format="%.3f"),
+                  "ratio": st.column_config.NumberColumn("Rate ratio", format="%.2f"),
+                  "p_value": st.column_config.NumberColumn("p-value", format="%.1e"),
+                  "ref_value": st.column_config.NumberColumn("Validation", format="%.3g"),
+                  "recent_value": st.column_config.NumberColumn("Recent", format="%.3g"), "reason": "Why"}
+
+# %% ../nbs/62_streamlit_app.ipynb #39034bf1
+def _scheduler_caption() -> None:
+    "The scheduler's last drift check, from `runs/scheduler.json`."
+    sched = A.scheduler_state()
+    if sched and sched.get("drift"):
+        v = sched["drift"]
+        what = ", ".join(v.get("triggered") or []) or (A.feature_label(v["top_feature"]) if v.get("top_feature") else "")
+        st.caption(f"Scheduler's last drift check ({str(v.get('checked_at', ''))[:19].replace('T', ' ')}): "
+                   f"{v.get('rows', 0):,} rows{' · ' + what if what else ''} → **{v.get('action')}**")
+    elif sched is None:
+        st.caption("The scheduler (`fraud schedule`, part of `fraud up`) has not published a drift check yet.")
+
+def _runs_section(s) -> None:
+    "Recent retraining runs, with their executed notebooks to download."
     st.subheader("Recent retraining runs")
     runs = A.runs_table()
     if runs.height == 0:
@@ -413,6 +406,51 @@ def drift_page() -> None:
     if path and path.is_file():
         st.download_button("Download notebook", path.read_bytes(), file_name=f"{path.parent.name}-{path.name}",
                            mime="application/x-ipynb+json", icon=":material/download:", on_click="ignore")
+
+# %% ../nbs/62_streamlit_app.ipynb #159d93d6
+def drift_page() -> None:
+    "Page 4: score, decision rate, monitored inputs and segments vs the champion's validation period; recent runs."
+    url, s = _url(), C.get_settings()
+    st.title("Drift")
+    if query("results.event_clock", url) is None:
+        empty_state("drift figures")
+    else:
+        c = st.columns([1, 1, 4])
+        n_recent = c[0].number_input("Recent transactions", min_value=100, max_value=50_000, value=s.drift_window_rows,
+                                     step=500, key="dr_n")
+        threshold = c[1].number_input("PSI trigger", min_value=0.01, max_value=5.0, value=float(s.drift_psi_threshold),
+                                      step=0.05, key="dr_thr")
+        version, ref_path = _drift_reference(s, url)
+        if ref_path is not None:
+            rep = _drift(url, str(ref_path), ref_path.stat().st_mtime, version, int(n_recent), float(threshold))
+            n = int(rep["n_recent"].max() or 0) if rep.height else 0
+            fired = ", ".join(_signal_names(rep.filter("triggered"))["name"]) if rep.height else ""
+            if fired and n >= s.drift_min_rows:
+                st.error(f"**Retraining triggered** by {fired}.", icon=":material/warning:")
+            elif fired:
+                st.warning(f"**Drift** on {fired}, but only {n:,} recent transactions scored by {version}: "
+                           f"the trigger needs {s.drift_min_rows:,}.", icon=":material/info:")
+            else:
+                st.success(f"**No retraining needed**: score, decision rate, monitored inputs and categories within "
+                           f"bounds ({n:,} recent transactions of {version} vs its validation period).",
+                           icon=":material/check_circle:")
+            _scheduler_caption()
+            if rep.height:
+                named = _signal_names(rep)
+                m = st.columns(2)
+                sc, dr = named.row(0, named=True), named.row(1, named=True)
+                m[0].metric("Score PSI", _num(sc["psi"], "{:.3f}"), border=True,
+                            help=f"drift from {s.drift_score_psi_threshold:g}")
+                m[1].metric("Decision rate", _num(dr["recent_value"], "{:.2%}"), border=True,
+                            delta=f"validation {_num(dr['ref_value'], '{:.2%}')}", delta_color="off", delta_arrow="off")
+                shown = named.filter(pl.col("monitored") & pl.col("psi").is_not_null() & pl.col("kind").is_in(["feature", "segment"]))
+                st.altair_chart(A.psi_chart(shown.with_columns(feature=pl.col("signal")), threshold), width="stretch")
+                st.subheader("What is compared, and why")
+                st.dataframe(named, hide_index=True, width="stretch", height=min(640, 35 * (named.height + 1) + 3),
+                             column_order=list(_DRIFT_COLUMNS), column_config=_DRIFT_COLUMNS)
+                st.caption(f"Reference: {ref_path}. PSI bands: < {D.PSI_BANDS[0]} stable, < {D.PSI_BANDS[1]} moderate, "
+                           "above major.")
+    _runs_section(s)
 
 # %% ../nbs/62_streamlit_app.ipynb #29da0e5d
 def system_page() -> None:

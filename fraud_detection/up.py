@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .broker import free_port, port_open
+from .broker import _die_with_parent, free_port, port_open
 from .core import get_settings
 
 # %% auto #0
-__all__ = ['SERVICES', 'fraud_cmd', 'port_free', 'wait_port', 'Service', 'ServiceFailed', 'Supervisor', 'bootstrap',
-           'plan_services', 'first_scored', 'up']
+__all__ = ['SERVICES', 'fraud_cmd', 'port_free', 'wait_port', 'Service', 'ServiceFailed', 'port_holder', 'check_ports',
+           'Supervisor', 'bootstrap', 'plan_services', 'first_scored', 'up']
 
 # %% ../nbs/91_up.ipynb #b0a0f72a
 def fraud_cmd(*args: str) -> list[str]:
@@ -53,10 +53,36 @@ class Service:
     restarts: int = 0
     done: bool = False
 
-# %% ../nbs/91_up.ipynb #36047144
 class ServiceFailed(RuntimeError):
-    "A service kept crashing after its restarts."
+    "A service kept crashing after its restarts, or could not start."
 
+def port_holder(port: int, # TCP port
+               ) -> str:
+    "Who listens on `port`: 'pid N (command line)', or a hint when the owner cannot be seen."
+    import psutil
+    try:
+        conns = psutil.net_connections("tcp")
+    except psutil.AccessDenied:
+        return "a process this user cannot see (try `ss -ltnp`)"
+    for c in conns:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+            try:
+                p = psutil.Process(c.pid)
+                return f"pid {c.pid} ({' '.join(p.cmdline())[:120]}), parent pid {p.ppid()}"
+            except psutil.Error:
+                return f"pid {c.pid}"
+    return "an unknown process"
+
+def check_ports(services: list, # Service objects with a `port`
+               ) -> None:
+    "Raise ServiceFailed naming the holder of every port a service needs that is taken (before anything starts)."
+    busy = [f"{svc.name}: port {svc.port} is held by {port_holder(svc.port)}"
+            for svc in services if svc.port and not port_free(svc.port)]
+    if busy:
+        raise ServiceFailed("cannot start, ports in use (an earlier run still going? stop it, or set "
+                            "FRAUD_*_PORT):\n  " + "\n  ".join(busy))
+
+# %% ../nbs/91_up.ipynb #36047144
 class Supervisor:
     "Start, watch, restart and stop a set of services."
     def __init__(self, services: list[Service], log_dir: Path, max_restarts: int = 3, backoff: float = 1.0,
@@ -67,14 +93,15 @@ class Supervisor:
 
     def _spawn(self, svc: Service) -> None:
         log = open(self.log_dir / f"{svc.name}.log", "ab")
+        # PR_SET_PDEATHSIG: the kernel kills the child when we die, even by SIGKILL (no orphan holding ports)
         svc.proc = subprocess.Popen(svc.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **svc.env}, start_new_session=True)
+                                    env={**os.environ, **svc.env}, start_new_session=True,
+                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         log.close()
 
-    def start(self, svc: Service, wait: float = 60) -> None:
-        "Start one service; if it has a port, wait until it listens."
-        if svc.port and not port_free(svc.port):
-            raise ServiceFailed(f"{svc.name}: port {svc.port} is already in use (another instance running?)")
+    def start(self, svc: Service, wait: float = 180) -> None:
+        "Start one service; if it has a port, wait until it listens (the API listens after loading model and store)."
+        check_ports([svc])
         self._spawn(svc)
         if svc.port and not wait_port(svc.port, wait, alive=lambda: svc.proc.poll() is None):
             tail = self.log_tail(svc)
@@ -158,7 +185,7 @@ def plan_services(settings=None, rate: float = 50.0, limit: int | None = None,
             Service("worker", fraud_cmd("stream", "work")),
             Service("api", fraud_cmd("serve"), port=s.api_port),
             Service("app", fraud_cmd("app"), port=s.app_port),
-            Service("scheduler", fraud_cmd("schedule")),
+            Service("scheduler", fraud_cmd("schedule"), port=s.scheduler_metrics_port or None),  # its exporter
             Service("producer", fraud_cmd(*produce), oneshot=True)]
     return [svc for svc in plan if svc is not None and svc.name in only]
 
@@ -183,8 +210,10 @@ def up(scale: str = "demo", # simulator scale if there is no data yet
     "Bootstrap, start every service as a supervised child, print URLs, stop everything on Ctrl-C/SIGTERM."
     s = settings or get_settings()
     t0 = time.monotonic()
+    plan = plan_services(s, rate, limit, only)
+    check_ports(plan)  # before the minutes of bootstrap: say at once who holds a port
     bootstrap(scale, s, echo)
-    sup = Supervisor(plan_services(s, rate, limit, only), s.runs / "up", echo=echo)
+    sup = Supervisor(plan, s.runs / "up", echo=echo)
     def _term(*_): raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, _term)
     try:

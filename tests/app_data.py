@@ -64,5 +64,8 @@ def make_scored_home(root: Path, n: int = 200, seed: int = 7) -> dict:
     # a registry with champion and challenger, and their evaluation reports (real artefacts of the training code)
     for sub in ("registry", "reports"):
         shutil.copytree(_model_template() / sub, data / sub)
+    # the champion's drift reference (its scored validation period): the training-like rows above
+    feats.with_columns(ref.select("ts", "fraud_probability", "decision")).write_parquet(
+        data / "registry" / "v0001" / "drift_reference.parquet")
     eng.dispose()
     return {"db": data / "fraud.db", "predictions": preds, "url": f"sqlite:///{data / 'fraud.db'}"}

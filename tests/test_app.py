@@ -155,8 +155,11 @@ def test_drift_with_data(scored):
     assert not at.exception, at.exception
     status = texts(at, "error") + texts(at, "warning") + texts(at, "success")
     assert "Amount" in status  # amounts were shifted in the reference
-    report = at.dataframe[0].value
-    assert report["name"].iloc[0] in ("Amount", "Amount (log)") and report["psi"].iloc[0] > 0.25
+    report = at.dataframe[0].value.set_index("name")
+    assert report.loc["Amount", "psi"] > 0.25 and report.loc["Amount", "triggered"]
+    assert report.loc["Hour of day", "monitored"]  # a calendar field over 14 days of traffic: compared
+    assert not report.loc["Customer's prior transactions", "monitored"]  # not stored by these fake rows: shown, and why
+    assert "missing from the" in report.loc["Customer's prior transactions", "reason"]
     assert list(at.dataframe[1].value["status"]) == ["ok"]  # the recorded retraining run
     assert at.get("download_button")
     # 200 recent rows < drift_min_rows (500): drift shown, trigger not fired
@@ -164,9 +167,9 @@ def test_drift_with_data(scored):
 
 
 def test_drift_without_reference(scored):
-    (Path(scored["db"]).parent / "features" / "train.parquet").unlink()
-    at = run_page("drift")
-    assert not at.exception and "No training reference yet" in texts(at, "warning")
+    (Path(scored["db"]).parent / "registry" / "v0001" / "drift_reference.parquet").unlink()
+    at = run_page("drift")  # and no clean data to build it from
+    assert not at.exception and "No validation reference for champion v0001" in texts(at, "warning")
 
 
 def test_system_with_data(scored):

@@ -1,6 +1,7 @@
 """`fraud up` end to end: bootstrap, every service as a child, a real score over HTTP, clean SIGINT stop."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -36,13 +37,36 @@ def _scored(db: Path) -> int:
         return 0
 
 
-def test_fraud_up_runs_scores_and_stops_cleanly(tmp_path: Path):
-    ports = {"FRAUD_BROKER_PORT": free_port(), "FRAUD_API_PORT": free_port(), "FRAUD_APP_PORT": free_port()}
-    env = {**os.environ, "FRAUD_DATA_DIR": str(tmp_path / "data"), "FRAUD_RUNS_DIR": str(tmp_path / "runs"),
+FRAUD = str(Path(sys.executable).with_name("fraud"))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    "One data folder for the module: the first `fraud up` bootstraps it, later ones start in seconds."
+    return tmp_path_factory.mktemp("up")
+
+
+def _env(root: Path, ports: dict[str, int]) -> dict[str, str]:
+    env = {**os.environ, "FRAUD_DATA_DIR": str(root / "data"), "FRAUD_RUNS_DIR": str(root / "runs"),
            **{k: str(v) for k, v in ports.items()}}
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
     env.pop("FRAUD_KAFKA_BOOTSTRAP_SERVERS", None)
-    fraud = str(Path(sys.executable).with_name("fraud"))
+    return env
+
+
+LISTENING = ("FRAUD_BROKER_PORT", "FRAUD_API_PORT", "FRAUD_APP_PORT", "FRAUD_SCHEDULER_METRICS_PORT")
+
+
+def _ports() -> dict[str, int]:
+    return {"FRAUD_BROKER_PORT": free_port(), "FRAUD_API_PORT": free_port(), "FRAUD_APP_PORT": free_port(),
+            "FRAUD_SCHEDULER_METRICS_PORT": free_port(), "FRAUD_WORKER_METRICS_PORT": free_port()}
+
+
+def test_fraud_up_runs_scores_and_stops_cleanly(data_root: Path):
+    tmp_path = data_root
+    ports = _ports()
+    env = _env(tmp_path, ports)
+    fraud = FRAUD
     log = open(tmp_path / "up.log", "wb")
     t0 = time.monotonic()
     proc = subprocess.Popen([fraud, "up", "--scale", "small", "--rate", "300", "--limit", "2000"],
@@ -88,3 +112,78 @@ def test_fraud_up_runs_scores_and_stops_cleanly(tmp_path: Path):
     for name, port in ports.items():
         assert port_free(port), f"{name} {port} still taken"
     print(f"fraud up (small): first scored transaction after {first_scored_s:.0f} s")
+
+
+def _descendants(pid: int) -> set[int]:
+    try:
+        return {c.pid for c in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _running(pids: set[int]) -> list[str]:
+    out = []
+    for p in pids:
+        try:
+            proc = psutil.Process(p)
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p} {' '.join(proc.cmdline())[:100]}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_kill_9_of_fraud_up_leaves_no_service(data_root: Path):
+    "An OOM kill / hard kill of the supervisor: every service dies with it and its ports are free again."
+    ports = _ports()
+    env = {**_env(data_root, ports), "FRAUD_API_WORKERS": "2"}  # uvicorn workers are grandchildren: they must die too
+    log = open(data_root / "up-kill.log", "wb")
+    proc = subprocess.Popen([FRAUD, "up", "--scale", "small", "--services", "broker,worker,api,app,scheduler"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{ports['FRAUD_API_PORT']}"
+    try:
+        deadline = time.monotonic() + 300
+        while _get(f"{api}/readyz")[0] != 200 or not all(not port_free(ports[k]) for k in LISTENING):
+            assert proc.poll() is None, (data_root / "up-kill.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (data_root / "up-kill.log").read_text()[-3000:]
+            time.sleep(1)
+        time.sleep(2)  # the scheduler and worker are past their start-up
+        family = _descendants(proc.pid)
+        assert len(family) >= 5, _running(family)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        while (alive := _running(family)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive, f"services survived kill -9 of fraud up: {alive}"
+        for name, port in ports.items():
+            assert port_free(port), f"{name} {port} still taken after kill -9"
+    finally:
+        for p in _descendants(proc.pid) | (family if "family" in locals() else set()):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(p).kill()
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def test_busy_port_names_its_holder(data_root: Path):
+    "A start that meets a port held by an earlier run says which process holds it, and starts nothing."
+    ports = _ports()
+    holder = subprocess.Popen([sys.executable, "-m", "http.server", str(ports["FRAUD_API_PORT"]), "--bind",
+                               "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            if not port_free(ports["FRAUD_API_PORT"]):
+                break
+            time.sleep(0.1)
+        out = subprocess.run([FRAUD, "up", "--scale", "small"], env=_env(data_root, ports), capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode != 0
+        text = " ".join((out.stdout + out.stderr).split())
+        assert f"port {ports['FRAUD_API_PORT']} is held by pid {holder.pid}" in text, text[-2000:]
+        assert "Traceback" not in out.stdout + out.stderr, "one clear message, not a traceback"
+        assert port_free(ports["FRAUD_BROKER_PORT"]), "nothing was started"
+    finally:
+        holder.kill()
+        holder.wait()
