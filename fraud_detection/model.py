@@ -23,10 +23,10 @@ import xgboost as xgb
 from .treeshap import TreeShap
 
 # %% auto #0
-__all__ = ['LABEL', 'SYNTHETIC_BASELINE', 'SYNTHETIC_FEATURES', 'DEFAULT_PARAMS', 'DEFAULT_GRID', 'DECISIONS', 'REASON_DTYPE',
-           'MODEL_FILE', 'META_FILE', 'synthetic_features', 'time_split', 'to_matrix', 'frame_fingerprint',
-           'library_versions', 'choose_thresholds', 'decide', 'contributions', 'top_reasons', 'reasons_series',
-           'Scorer', 'fit_calibration', 'train_model']
+__all__ = ['LABEL', 'SYNTHETIC_BASELINE', 'SYNTHETIC_FEATURES', 'SYNTHETIC_REFERENCE', 'DEFAULT_PARAMS', 'DEFAULT_GRID',
+           'DECISIONS', 'REASON_DTYPE', 'MODEL_FILE', 'META_FILE', 'synthetic_features', 'time_split', 'to_matrix',
+           'frame_fingerprint', 'library_versions', 'choose_thresholds', 'decide', 'contributions', 'top_reasons',
+           'reasons_series', 'Scorer', 'fit_calibration', 'train_model']
 
 # %% ../nbs/30_model.ipynb #a3b5877a
 LABEL = "is_fraud"  # the target column of every training frame
@@ -37,6 +37,8 @@ SYNTHETIC_FEATURES: list[str] = SYNTHETIC_BASELINE + [
     "n_10m", "amt_10m", "n_1h", "amt_1h", "n_24h", "amt_24h", "n_7d", "amt_7d", "n_prior", "amt_mean_prior",
     "amt_ratio", "amt_z", "secs_since_prev", "dist_prev_km", "new_merchant", "new_category", "merchant_n_30d",
     "merchant_fraud_rate_30d"]
+SYNTHETIC_REFERENCE: list[str] = ["amt", "hour", "dow", "is_night", "n_24h", "n_7d", "amt_7d", "merchant_n_30d",
+                                  "merchant_fraud_rate_30d"]  # a Handbook-like subset, for examples
 
 def synthetic_features(n: int,  # rows
                        fraud_rate: float = 0.006,  # share of positives
