@@ -16,28 +16,33 @@ from .core import CATEGORIES, clean_schema
 from .formula import Fx, Row, col, evaluate, exprs, when
 
 # %% auto #0
-__all__ = ['WINDOWS', 'STATE_HORIZON', 'TX_FEATURES', 'VELOCITY_FEATURES', 'HISTORY_FEATURES', 'MERCHANT_FEATURES', 'FEATURES',
-           'BASELINE_FEATURES', 'FEATURE_SCHEMA', 'REQUIRED_COLUMNS', 'STATE_SCHEMA', 'EARTH_RADIUS_KM', 'RISK_SCHEMA',
-           'RISK_PRIOR_RATE', 'RISK_PSEUDO_COUNT', 'empty_state', 'haversine_km', 'merchant_risk_table',
-           'merchant_risk_slice', 'batch_features', 'state_from_history', 'merge_state', 'incremental_features',
-           'request_row', 'request_features', 'assert_same_features']
+__all__ = ['WINDOWS', 'STATE_HORIZON', 'RISK_WINDOWS_DAYS', 'TX_FEATURES', 'VELOCITY_FEATURES', 'HISTORY_FEATURES',
+           'MERCHANT_FEATURES', 'FEATURES', 'BASELINE_FEATURES', 'REFERENCE_FEATURES', 'FEATURE_SCHEMA',
+           'REQUIRED_COLUMNS', 'STATE_SCHEMA', 'EARTH_RADIUS_KM', 'RISK_SCHEMA', 'RISK_PRIOR_RATE', 'RISK_PSEUDO_COUNT',
+           'empty_state', 'haversine_km', 'merchant_risk_table', 'merchant_risk_slice', 'batch_features',
+           'state_from_history', 'merge_state', 'incremental_features', 'request_row', 'request_features',
+           'assert_same_features']
 
 # %% ../nbs/10_features.ipynb #684e3070
 WINDOWS: dict[str, timedelta] = {"10m": timedelta(minutes=10), "1h": timedelta(hours=1),
-                                 "24h": timedelta(hours=24), "7d": timedelta(days=7)}
+                                 "24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 STATE_HORIZON: timedelta = max(WINDOWS.values())  # the state keeps transactions this recent
+RISK_WINDOWS_DAYS: tuple[int, ...] = (1, 7, 30)  # entity-risk look-back windows, each ending a label delay ago
 
-TX_FEATURES: list[str] = ["amt", "log_amt", "hour", "dow", "is_night", "age", "gender_m", "city_pop",
+TX_FEATURES: list[str] = ["amt", "log_amt", "hour", "dow", "is_night", "is_weekend", "age", "gender_m", "city_pop",
                           "category_code", "dist_home_km"]
-VELOCITY_FEATURES: list[str] = [f"{p}_{w}" for w in WINDOWS for p in ("n", "amt")]
+VELOCITY_FEATURES: list[str] = [f"{p}_{w}" for w in WINDOWS for p in ("n", "amt", "amt_mean")]
 HISTORY_FEATURES: list[str] = ["n_prior", "amt_mean_prior", "amt_ratio", "amt_z", "secs_since_prev", "dist_prev_km",
                                "new_merchant", "new_category"]
-MERCHANT_FEATURES: list[str] = ["merchant_n_30d", "merchant_fraud_rate_30d"]
+MERCHANT_FEATURES: list[str] = [f"merchant_{a}_{d}d" for d in RISK_WINDOWS_DAYS for a in ("n", "fraud_rate")]
 FEATURES: list[str] = TX_FEATURES + VELOCITY_FEATURES + HISTORY_FEATURES + MERCHANT_FEATURES  # model input order
 BASELINE_FEATURES: list[str] = list(TX_FEATURES)  # the transaction-only subset: needs no history
+REFERENCE_FEATURES: list[str] = [  # the Fraud Detection Handbook's baseline set, computed by this module
+    *(f"{a}_{w}" for w in ("24h", "7d", "30d") for a in ("n", "amt_mean")),
+    *MERCHANT_FEATURES, "is_weekend", "is_night"]
 
-_INT32 = {"hour", "dow", "is_night", "gender_m", "category_code", "new_merchant", "new_category", "n_prior",
-          "merchant_n_30d", *(f"n_{w}" for w in WINDOWS)}
+_INT32 = {"hour", "dow", "is_night", "is_weekend", "gender_m", "category_code", "new_merchant", "new_category",
+          "n_prior", *(f for f in MERCHANT_FEATURES if f.startswith("merchant_n_")), *(f"n_{w}" for w in WINDOWS)}
 FEATURE_SCHEMA: dict[str, pl.DataType] = {  # dtype of every feature column (ints are counts, codes or 0/1 flags)
     f: pl.Int64 if f == "city_pop" else pl.Int32 if f in _INT32 else pl.Float64 for f in FEATURES}
 REQUIRED_COLUMNS: list[str] = [  # clean columns the features read; the others are carried along
@@ -80,7 +85,7 @@ def _tx_only() -> list[Fx]:
     ts, h = col("ts"), col("ts").hour()
     return [
         col("amt").log1p().alias("log_amt"), h.alias("hour"), ts.weekday().alias("dow"),
-        h.is_in([22, 23, 0, 1, 2, 3]).to_int().alias("is_night"),
+        h.is_in([22, 23, 0, 1, 2, 3]).to_int().alias("is_night"), (ts.weekday() >= 6).to_int().alias("is_weekend"),
         ((ts.date() - col("dob")).total_days() / 365.25).alias("age"),
         (col("gender") == "M").to_int().alias("gender_m"), col("category").code(CATEGORIES).alias("category_code"),
         haversine_km(col("lat"), col("long"), col("merch_lat"), col("merch_long")).alias("dist_home_km"),
@@ -102,6 +107,7 @@ def _on_new() -> list[list[Fx]]:
         .alias("dist_prev_km"),
         (~col("_seen_merchant")).to_int().alias("new_merchant"),
         (~col("_seen_category")).to_int().alias("new_category"),
+        *(((col(f"amt_{w}") + amt) / (col(f"n_{w}") + 1)).alias(f"amt_mean_{w}") for w in WINDOWS),
     ]
     return [moments, features]
 
@@ -173,11 +179,15 @@ RISK_PRIOR_RATE = 0.005  # prior fraud rate for smoothing and cold start (≈ Sp
 RISK_PSEUDO_COUNT = 20.0  # weight of the prior, in transactions
 
 
+def _risk_cold(f: str) -> int | float:
+    "The value of risk feature `f` for an entity without rows: no volume, the prior rate."
+    return 0 if "_n_" in f else RISK_PRIOR_RATE
+
+
 def merchant_risk_table(tx: pl.DataFrame,  # labelled clean transactions (needs merchant, ts, is_fraud)
                         label_delay_days: int,  # labels arrive this many days after the transaction
-                        window_days: int = 30,  # length of the look-back window
                         ) -> pl.DataFrame:
-    "Per (merchant, day): count and smoothed fraud rate of its transactions in [day - delay - window, day - delay)."
+    "Per (merchant, day) and window w: count and smoothed fraud rate of its tx in [day - delay - w, day - delay)."
     daily = tx.lazy().group_by("merchant", day=pl.col("ts").dt.date()).agg(
         _n=pl.len().cast(pl.Int64), _f=pl.col("is_fraud").cast(pl.Int64).sum())
     lo, hi = tx.select(lo=pl.col("ts").min().dt.date(), hi=pl.col("ts").max().dt.date()).row(0)
@@ -185,13 +195,15 @@ def merchant_risk_table(tx: pl.DataFrame,  # labelled clean transactions (needs 
     grid = tx.lazy().select(pl.col("merchant").unique()).join(days, how="cross") \
         .join(daily, on=["merchant", "day"], how="left").sort("merchant", "day")
 
-    def looked_back(c: str) -> pl.Expr:  # sum over the dates [day - delay - window, day - delay - 1]
-        return pl.col(c).fill_null(0).rolling_sum(window_days, min_samples=1).shift(label_delay_days + 1) \
+    def looked_back(c: str, w: int) -> pl.Expr:  # sum over the dates [day - delay - w, day - delay - 1]
+        return pl.col(c).fill_null(0).rolling_sum(w, min_samples=1).shift(label_delay_days + 1) \
             .over("merchant").fill_null(0)
-    n, f = looked_back("_n"), looked_back("_f")
-    return grid.select("merchant", "day", merchant_n_30d=n.cast(pl.Int32),
-                       merchant_fraud_rate_30d=(f + RISK_PSEUDO_COUNT * RISK_PRIOR_RATE) / (n + RISK_PSEUDO_COUNT)
-                       ).collect()
+    cols = {}
+    for w in RISK_WINDOWS_DAYS:
+        n, f = looked_back("_n", w), looked_back("_f", w)
+        cols[f"merchant_n_{w}d"] = n.cast(pl.Int32)
+        cols[f"merchant_fraud_rate_{w}d"] = (f + RISK_PSEUDO_COUNT * RISK_PRIOR_RATE) / (n + RISK_PSEUDO_COUNT)
+    return grid.select("merchant", "day", **cols).collect()
 
 
 def merchant_risk_slice(merchant_risk: pl.DataFrame,  # a `merchant_risk_table` (a row per merchant and day)
@@ -208,7 +220,7 @@ def _with_risk(lf: pl.LazyFrame,  # new rows sorted by (ts, trans_num)
                ) -> pl.LazyFrame:
     "Add the merchant-risk features: the merchant's latest table row dated on or before the transaction's date."
     if merchant_risk is None:
-        return lf.with_columns(merchant_n_30d=pl.lit(0, pl.Int32), merchant_fraud_rate_30d=pl.lit(RISK_PRIOR_RATE))
+        return lf.with_columns(pl.lit(_risk_cold(f), FEATURE_SCHEMA[f]).alias(f) for f in MERCHANT_FEATURES)
     risk = merchant_risk.lazy().select("merchant", pl.col("day").cast(pl.Date), *MERCHANT_FEATURES)
     if merchant_risk.height > tx.height > 0:  # keep the rows this batch can use
         risk = risk.filter(pl.col("day") <= tx["ts"].max().date()).join(tx.lazy().select("merchant"), on="merchant",
@@ -216,8 +228,7 @@ def _with_risk(lf: pl.LazyFrame,  # new rows sorted by (ts, trans_num)
     return lf.with_columns(_day=pl.col("ts").dt.date()) \
         .join_asof(risk.sort("merchant", "day"), left_on="_day", right_on="day", by="merchant",
                    check_sortedness=False) \
-        .with_columns(pl.col("merchant_n_30d").fill_null(0).cast(pl.Int32),
-                      pl.col("merchant_fraud_rate_30d").fill_null(RISK_PRIOR_RATE).cast(pl.Float64))
+        .with_columns(pl.col(f).fill_null(_risk_cold(f)).cast(FEATURE_SCHEMA[f]) for f in MERCHANT_FEATURES)
 
 # %% ../nbs/10_features.ipynb #928771d3
 def _features(st: pl.DataFrame,  # state rows of the transactions' customers (or more)
@@ -336,10 +347,9 @@ def _risk_of(tx: Row,  # the transaction
         if r["merchant"] == tx["merchant"] and r["day"] <= day and (best is None or r["day"] > best["day"]):
             best = r
     if best is None:
-        return {"merchant_n_30d": 0, "merchant_fraud_rate_30d": RISK_PRIOR_RATE}
-    return {"merchant_n_30d": best["merchant_n_30d"] or 0,
-            "merchant_fraud_rate_30d": RISK_PRIOR_RATE if best["merchant_fraud_rate_30d"] is None
-            else float(best["merchant_fraud_rate_30d"])}
+        return {f: _risk_cold(f) for f in MERCHANT_FEATURES}
+    return {f: _risk_cold(f) if best[f] is None else int(best[f]) if "_n_" in f else float(best[f])
+            for f in MERCHANT_FEATURES}
 
 
 def _clean_row(tx: Row) -> Row:

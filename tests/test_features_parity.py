@@ -33,7 +33,7 @@ from fraud_detection.features import (
 T0 = datetime(2020, 3, 1)
 
 
-def make_tx(n: int = 1500, customers: int = 12, days: int = 20, seed: int = 0) -> pl.DataFrame:
+def make_tx(n: int = 1500, customers: int = 12, days: int = 45, seed: int = 0) -> pl.DataFrame:
     "Clean transactions: 65 % spread over `days`; 20 % within 10 min after an earlier tx of the same customer,"
     " 5 % exactly one window length after one, 10 % at the same second as one."
     rng = np.random.default_rng(seed)
@@ -46,8 +46,8 @@ def make_tx(n: int = 1500, customers: int = 12, days: int = 20, seed: int = 0) -
             j = rng.integers(0, i)
             after = rng.integers(1, 600) if kind[i] < 0.2 else rng.choice(edges) if kind[i] < 0.25 else 0
             cust[i], secs[i] = cust[j], secs[j] + after
-    gap = cust == 0  # customer 0 is silent from day 2 to day 12: its state's recent rows all fall out of the window
-    secs[gap] = np.where(secs[gap] < 10 * 86400, secs[gap] % (2 * 86400), secs[gap] + 2 * 86400)
+    gap = cust == 0  # customer 0 is silent from day 2 to day 35: its state's recent rows all fall out of the window
+    secs[gap] = np.where(secs[gap] < 33 * 86400, secs[gap] % (2 * 86400), secs[gap] + 2 * 86400)
     merch = rng.integers(0, 15, n)
     amt = np.round(rng.lognormal(3.5, 1.2, n), 2)
     amt[rng.random(n) < 0.1] += 1 / 3  # some amounts that are not whole cents
@@ -98,7 +98,7 @@ def tx() -> pl.DataFrame:
 
 @pytest.fixture(scope="module")
 def risk(tx: pl.DataFrame) -> pl.DataFrame:
-    return merchant_risk_table(tx, label_delay_days=3, window_days=5)
+    return merchant_risk_table(tx, label_delay_days=3)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_state_outside_window(tx: pl.DataFrame, risk: pl.DataFrame, batch: pl.Da
     resume = c0.with_columns(dt=pl.col("ts").diff()).select(pl.col("dt").arg_max()).item()
     state = state_from_history(c0[:resume])
     feats, updated = incremental_features(state, c0[resume:resume + 1], risk)
-    assert feats["n_7d"].item() == 0 and feats["n_prior"].item() == resume
+    assert feats["n_30d"].item() == 0 and feats["n_prior"].item() == resume
     assert_same_features(feats, batch.filter(pl.col("trans_num") == c0["trans_num"][resume]))
     assert updated["recent_ts"].item().len() == 1
 
@@ -238,10 +238,10 @@ def test_future_never_changes_features(tx: pl.DataFrame, risk: pl.DataFrame, bat
 
 def test_labels_within_delay_never_change_merchant_risk(tx: pl.DataFrame) -> None:
     delay, day = 3, (T0 + timedelta(days=11)).date()
-    base = merchant_risk_table(tx, delay, window_days=5)
+    base = merchant_risk_table(tx, delay)
     flip = tx.with_columns(is_fraud=pl.when(pl.col("ts").dt.date() >= day - timedelta(days=delay))
                            .then(1 - pl.col("is_fraud")).otherwise("is_fraud"))
-    flipped = merchant_risk_table(flip, delay, window_days=5)
+    flipped = merchant_risk_table(flip, delay)
     upto = pl.col("day") <= day
     assert flipped.filter(upto).equals(base.filter(upto))
     assert not flipped.equals(base)  # the flip does matter once the labels have arrived
@@ -249,11 +249,11 @@ def test_labels_within_delay_never_change_merchant_risk(tx: pl.DataFrame) -> Non
     assert_same_features(batch_features(flip, flipped).filter(early), batch_features(tx, base).filter(early))
     # the risk of day d counts exactly the merchant's transactions of [d - delay - window, d - delay)
     m = tx["merchant"][0]
-    lo, hi = day - timedelta(days=delay + 5), day - timedelta(days=delay)
+    lo, hi = day - timedelta(days=delay + 7), day - timedelta(days=delay)
     win = tx.filter(pl.col("merchant") == m, pl.col("ts").dt.date() >= lo, pl.col("ts").dt.date() < hi)
     row = base.filter(pl.col("merchant") == m, pl.col("day") == day)
-    assert row["merchant_n_30d"].item() == win.height
-    assert row["merchant_fraud_rate_30d"].item() == pytest.approx((win["is_fraud"].sum() + 0.1) / (win.height + 20))
+    assert row["merchant_n_7d"].item() == win.height
+    assert row["merchant_fraud_rate_7d"].item() == pytest.approx((win["is_fraud"].sum() + 0.1) / (win.height + 20))
 
 
 @st.composite
