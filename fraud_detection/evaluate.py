@@ -16,12 +16,12 @@ import polars as pl
 from matplotlib.figure import Figure
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from .model import LABEL, Scorer, contributions
+from .model import LABEL, Scorer, contributions, train_model
 
 # %% auto #0
 __all__ = ['HEADLINE', 'BARS', 'PLOTS', 'card_precision_at_k', 'metrics', 'evaluate_scorer', 'plot_pr', 'calibration_table',
            'plot_calibration', 'shap_values', 'shap_importance', 'plot_shap_summary', 'compare_models', 'report_text',
-           'plot_headline', 'write_report', 'summary_table', 'time_calls', 'shap_latency']
+           'plot_headline', 'write_report', 'summary_table', 'ablation', 'plot_ablation', 'time_calls', 'shap_latency']
 
 # %% ../nbs/32_evaluate.ipynb #82199049
 def _at(y: np.ndarray, flagged: np.ndarray, threshold: float | None, amt: np.ndarray | None) -> dict:
@@ -49,7 +49,8 @@ def card_precision_at_k(cards: np.ndarray,  # card (customer_id) of each row
     per_card = pl.DataFrame({"day": days, "card": cards, "y": np.asarray(y), "p": np.asarray(p, dtype=np.float64)}) \
         .group_by("day", "card").agg(pl.col("p").max(), pl.col("y").max())
     top = per_card.sort("p", "card", descending=[True, False]).group_by("day", maintain_order=True).head(k)
-    return float(top.group_by("day").agg(pl.col("y").sum() / k)["y"].mean())
+    hits = top.group_by("day").agg(pl.col("y").sum()).sort("day")["y"].to_numpy()  # sorted: a deterministic mean
+    return float(np.mean(hits / k))
 
 def metrics(y: np.ndarray,  # labels (0/1)
             p: np.ndarray,  # fraud probabilities
@@ -281,6 +282,43 @@ def summary_table(report: dict) -> pl.DataFrame:
                           "decline_recall": r["metrics"]["at_decline"]["recall"],
                           "fraud_amount_share": r["metrics"]["at_review"].get("fraud_amount_share")}
                          for name, r in report["models"].items()])
+
+# %% ../nbs/32_evaluate.ipynb #2edc9ef7
+def ablation(train: pl.DataFrame,  # training rows
+             valid: pl.DataFrame,  # later validation rows (PR-AUC is measured here)
+             features: list[str],  # the full feature list
+             groups: dict[str, list[str]],  # family name -> its features (those not in `features` are ignored)
+             **kw,  # `train_model` options (params, num_boost_round, nthread, ...); one parameter set, no grid
+            ) -> list[dict]:
+    "Validation PR-AUC with all features and with each group dropped in turn, and the change (negative: the group helps)."
+    y = valid[LABEL].to_numpy()
+    def fit(feats: list[str]) -> tuple[float, int]:
+        m = train_model(train, valid, feats, **kw)
+        return float(average_precision_score(y, m.predict_proba(valid))), m.meta["trees"]
+    full, trees = fit(features)
+    rows = [{"dropped": "(none)", "features": len(features), "valid_pr_auc": full, "delta": 0.0, "trees": trees}]
+    for name, group in groups.items():
+        keep = [f for f in features if f not in set(group)]
+        if len(keep) == len(features) or not keep:
+            continue
+        pr, trees = fit(keep)
+        rows.append({"dropped": name, "features": len(keep), "valid_pr_auc": pr, "delta": pr - full, "trees": trees})
+    return rows
+
+def plot_ablation(rows: list[dict],  # from `ablation`
+                  title: str = "Feature-group ablation",  # e.g. with the data's name
+                 ) -> Figure:
+    "Horizontal bars: validation PR-AUC change when each group is dropped (left of 0: the group helps)."
+    rows = sorted((r for r in rows if r["dropped"] != "(none)"), key=lambda r: r["delta"])
+    fig = Figure(figsize=(7, 0.35 * len(rows) + 1.3))
+    ax = fig.subplots()
+    bars = ax.barh([r["dropped"] for r in rows], [r["delta"] for r in rows],
+                   color=["C3" if r["delta"] < 0 else "C2" for r in rows])
+    ax.bar_label(bars, fmt="%+.3f", fontsize=7)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set(xlabel="validation PR-AUC change when dropped", title=title)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/32_evaluate.ipynb #c4aaa090
 def time_calls(fn: Callable[[int], object],  # called with the call index
