@@ -10,19 +10,20 @@ from feast import Entity, FeatureService, FeatureView, FileSource, PushSource, V
 from fraud_detection.feature_store import (
     CUSTOMER_VIEW,
     FEATURE_SERVICE,
-    MERCHANT_RISK_OFFLINE,
-    MERCHANT_VIEW,
     PUSH_SOURCE,
+    RISK_OFFLINE,
+    RISK_VIEWS,
     STATE_OFFLINE,
     TIMESTAMP,
     feast_fields,
+    risk_fields,
 )
-from fraud_detection.features import FEATURES, RISK_SCHEMA, STATE_SCHEMA
+from fraud_detection.features import FEATURES, RISK_WINDOWS, STATE_SCHEMA
 
 customer = Entity(name="customer", join_keys=["customer_id"], value_type=ValueType.STRING,
                   description="A card holder: keyed hash of identity fields (no PII).")
-merchant = Entity(name="merchant", join_keys=["merchant"], value_type=ValueType.STRING,
-                  description="A merchant, by name.")
+_RISK_ENTITY_DOC = {"merchant": "A merchant, by name.", "category": "A merchant category (core.CATEGORIES).",
+                    "zip": "The card holder's home zip code, as a string."}
 
 customer_state_log = FileSource(
     name="customer_state_log", path=STATE_OFFLINE, timestamp_field=TIMESTAMP,
@@ -35,17 +36,23 @@ customer_realtime = FeatureView(
     description="Customer state after their last transaction (fraud_detection.features.STATE_SCHEMA); "
                 "datetimes as Int64 epoch microseconds.")
 
-merchant_risk_daily = FileSource(
-    name="merchant_risk_daily", path=MERCHANT_RISK_OFFLINE, timestamp_field=TIMESTAMP,
-    description="merchant_risk_table(...) written by the batch pipeline; event time = the row's day, 00:00 UTC.")
-
-merchant_risk = FeatureView(
-    name=MERCHANT_VIEW, entities=[merchant], ttl=timedelta(0), source=merchant_risk_daily, online=True,
-    schema=feast_fields(RISK_SCHEMA, exclude=("merchant", "day")),
-    description="Merchant volume and smoothed fraud rate over 30 days ending a label delay before the day.")
+risk_entities, risk_views = {}, {}
+for _e, _view in RISK_VIEWS.items():  # one entity, daily source and batch view per label-risk entity of the spec
+    risk_entities[_e] = Entity(name=_e, join_keys=[_e], value_type=ValueType.STRING, description=_RISK_ENTITY_DOC[_e])
+    _src = FileSource(
+        name=f"{_view}_daily", path=RISK_OFFLINE[_e], timestamp_field=TIMESTAMP,
+        description=f"{_e} rows of merchant_risk_table(...) written by the batch pipeline; event time = the row's "
+                    "day, 00:00 UTC.")
+    risk_views[_e] = FeatureView(
+        name=_view, entities=[risk_entities[_e]], ttl=timedelta(0), source=_src, online=True,
+        schema=feast_fields(risk_fields(_e)),
+        description=f"{_e.capitalize()} volume and smoothed fraud rate over {', '.join(RISK_WINDOWS)}, each window "
+                    "ending a label delay before the day.")
+merchant, category, zip_code = risk_entities["merchant"], risk_entities["category"], risk_entities["zip"]
+merchant_risk, category_risk, zip_risk = risk_views["merchant"], risk_views["category"], risk_views["zip"]
 
 fraud_model_v1 = FeatureService(
-    name=FEATURE_SERVICE, features=[customer_realtime, merchant_risk],
+    name=FEATURE_SERVICE, features=[customer_realtime, *risk_views.values()],
     description="What models of feature-set v1 read: the model's columns are "
-                "fraud_detection.features.request_features(tx, state, merchant_risk) of these views.",
+                "fraud_detection.features.request_features(tx, state, risk rows) of these views.",
     tags={"computed_by": "fraud_detection.features.request_features", "model_features": ",".join(FEATURES)})

@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field, create_model
 
 from .core import Settings, get_settings
-from .features import RISK_SCHEMA, STATE_SCHEMA, empty_state, incremental_features, request_row
+from .features import RISK_ENTITIES, RISK_SCHEMA, STATE_SCHEMA, empty_state, incremental_features, request_row
 from .schema import Transaction, to_frame
 
 if TYPE_CHECKING:
@@ -89,11 +89,12 @@ class OnlineFeatures:
         self.failures = 0  # failed reads so far
         self.last_error: str | None = None
 
-    def _read(self, customer_ids: list[str], merchants: list[str]) -> tuple[list[dict], list[dict]] | None:
+    def _read(self, customer_ids: list[str], merchants: list[str],
+              keys: dict[str, list] | None = None) -> tuple[list[dict], list[dict]] | None:
         from fraud_detection.feature_store import read_online_rows
         t0 = time.perf_counter()
         try:
-            out = read_online_rows(self.store, customer_ids, merchants)
+            out = read_online_rows(self.store, customer_ids, merchants, keys=keys)
         except Exception as e:  # noqa: BLE001 - any store failure, including its client's timeout, means degraded
             self.failures += 1
             self._down_until = time.monotonic() + self.retry_s
@@ -106,11 +107,12 @@ class OnlineFeatures:
 
     def read(self, customer_ids: list[str],  # customers of the transactions
              merchants: list[str],  # their merchants
+             keys: dict[str, list] | None = None,  # their other risk entities' keys (features.RISK_ENTITIES)
             ) -> tuple[list[dict], list[dict]] | None:
-        "(state rows, merchant-risk rows) of these ids as dicts; None when the store is unavailable or failed."
+        "(state rows, entity-risk rows) of these ids as dicts; None when the store is unavailable or failed."
         if self.store is None or time.monotonic() < self._down_until:
             return None
-        return self._read(customer_ids, merchants)
+        return self._read(customer_ids, merchants, keys)
 
     def ping(self) -> bool:
         "True when the store answers a read (ignores the back-off)."
@@ -202,7 +204,8 @@ class Predictor:
                ) -> list[dict]:
         "One prediction dict (the `Prediction` fields) per transaction, in order."
         scorer = self._scorer()
-        got = self.online.read([t.customer_id for t in txs], [t.merchant for t in txs])
+        got = self.online.read([t.customer_id for t in txs], [t.merchant for t in txs],
+                               {e: [getattr(t, e) for t in txs] for e in RISK_ENTITIES})
         return self._score(scorer, txs, got, explain, top_k)
 
 # %% ../nbs/50_api.ipynb #b71fbd85

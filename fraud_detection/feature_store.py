@@ -22,7 +22,7 @@ import polars as pl
 
 from .core import Settings, clean_schema, get_settings
 from .features import (
-    FEATURES, MERCHANT_FEATURES, RISK_SCHEMA, STATE_SCHEMA, batch_features, empty_state,
+    FEATURE_GROUPS, FEATURE_SCHEMA, FEATURES, RISK_ENTITIES, RISK_SCHEMA, STATE_SCHEMA, batch_features, empty_state,
     merchant_risk_table, state_from_history)
 
 if TYPE_CHECKING:
@@ -31,23 +31,30 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CUSTOMER_VIEW', 'PUSH_SOURCE', 'MERCHANT_VIEW', 'FEATURE_SERVICE', 'TIMESTAMP', 'STATE_OFFLINE',
-           'MERCHANT_RISK_OFFLINE', 'STORE_FILES', 'EPOCH', 'PushTarget', 'wire_dtype', 'feast_fields', 'to_wire',
-           'from_wire', 'redis_connection_string', 'store_config', 'get_store', 'data_dir', 'apply', 'push_state',
-           'OnlineStoreUnavailable', 'read_state', 'write_offline_merchant_risk', 'read_offline_merchant_risk',
-           'materialize', 'read_merchant_risk', 'read_online', 'read_online_rows', 'training_frame',
-           'build_batch_features']
+__all__ = ['log', 'CUSTOMER_VIEW', 'PUSH_SOURCE', 'RISK_VIEWS', 'MERCHANT_VIEW', 'FEATURE_SERVICE', 'TIMESTAMP', 'STATE_OFFLINE',
+           'RISK_OFFLINE', 'MERCHANT_RISK_OFFLINE', 'STORE_FILES', 'EPOCH', 'PushTarget', 'risk_fields', 'wire_dtype',
+           'feast_fields', 'to_wire', 'from_wire', 'redis_connection_string', 'store_config', 'get_store', 'data_dir',
+           'apply', 'push_state', 'OnlineStoreUnavailable', 'read_state', 'write_offline_merchant_risk',
+           'read_offline_merchant_risk', 'materialize', 'read_merchant_risk', 'read_online', 'read_online_rows',
+           'training_frame', 'build_batch_features']
 
 # %% ../nbs/11_feature_store.ipynb #12ad78ba
 CUSTOMER_VIEW = "customer_realtime"  # feature view of the customer state, fed by the push source
 PUSH_SOURCE = "customer_realtime_push"  # push source the stream worker writes through
-MERCHANT_VIEW = "merchant_risk"  # batch feature view of merchant risk, one row per (merchant, day)
+RISK_VIEWS: dict[str, str] = {e: f"{e}_risk" for e in RISK_ENTITIES}  # batch view of each entity's label risk
+MERCHANT_VIEW = RISK_VIEWS["merchant"]  # batch feature view of merchant risk, one row per (merchant, day)
 FEATURE_SERVICE = "fraud_model_v1"  # what a model of feature-set version 1 reads
 TIMESTAMP = "event_timestamp"  # event-time column of both offline sources
 STATE_OFFLINE = "features/customer_realtime"  # folder of parquet parts (one per push), relative to data dir
-MERCHANT_RISK_OFFLINE = "features/merchant_risk.parquet"  # written by the batch pipeline, relative to data dir
+RISK_OFFLINE: dict[str, str] = {e: f"features/{v}.parquet" for e, v in RISK_VIEWS.items()}  # relative to data dir
+MERCHANT_RISK_OFFLINE = RISK_OFFLINE["merchant"]  # written by the batch pipeline last, after the other entities
 STORE_FILES = {"sqlite": "feature_store.yaml", "redis": "feature_store.redis.yaml"}  # per online store
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def risk_fields(entity: str) -> dict[str, pl.DataType]:
+    "The features of `entity`'s risk view (`{entity}_n_1d`, `{entity}_fraud_rate_1d`, ...) and their dtypes."
+    return {f: FEATURE_SCHEMA[f] for f in FEATURE_GROUPS[f"{entity}_risk"]}
 
 # %% ../nbs/11_feature_store.ipynb #3f9be5b9
 def wire_dtype(dtype: pl.DataType) -> pl.DataType:
@@ -219,7 +226,7 @@ def _found(cols: dict[str, list], key: str, feats: list[str]) -> list[int]:
     return keep
 
 def _state_feats() -> list[str]: return [c for c in STATE_SCHEMA if c != "customer_id"]
-def _risk_feats() -> list[str]: return list(MERCHANT_FEATURES)
+def _risk_feats(e: str) -> list[str]: return list(risk_fields(e))
 
 def _state_frame(cols: dict[str, list]) -> pl.DataFrame:
     "STATE_SCHEMA rows of the customers found in an online response."
@@ -240,13 +247,17 @@ def _state_rows(cols: dict[str, list]) -> list[dict]:
     return out
 
 def _risk_rows(cols: dict[str, list]) -> list[dict]:
-    "The merchants found in an online response as RISK_SCHEMA dicts (`day` from the event time)."
-    f = _risk_feats()
-    return [{"merchant": cols["merchant"][i], "day": date.fromordinal(_DAY0 + cols[f"{f[0]}__ts"][i] // 86400),
-             **{c: cols[c][i] for c in f}} for i in _found(cols, "merchant", f)]
+    "The entity keys found in an online response as RISK_SCHEMA dicts (`day` from the event time)."
+    out = []
+    for e in RISK_ENTITIES:
+        if e not in cols: continue
+        f, n = _risk_feats(e), len(e) + 1
+        out += [{"entity": e, "key": cols[e][i], "day": date.fromordinal(_DAY0 + cols[f"{f[0]}__ts"][i] // 86400),
+                 **{c[n:]: cols[c][i] for c in f}} for i in _found(cols, e, f)]
+    return out
 
 def _risk_frame(cols: dict[str, list]) -> pl.DataFrame:
-    "RISK_SCHEMA rows of the merchants found in an online response."
+    "RISK_SCHEMA rows of the entity keys found in an online response."
     return pl.DataFrame(_risk_rows(cols), schema=RISK_SCHEMA, orient="row")
 
 def read_state(store: FeatureStore, # from get_store
@@ -258,32 +269,42 @@ def read_state(store: FeatureStore, # from get_store
     return _state_frame(_online(store, [f"{CUSTOMER_VIEW}:{c}" for c in _state_feats()], {"customer_id": ids}))
 
 # %% ../nbs/11_feature_store.ipynb #f24ed08d
-def write_offline_merchant_risk(table: pl.DataFrame, # merchant_risk_table(...) output
-                                path: Path | str, # parquet file (the view's source: data dir / MERCHANT_RISK_OFFLINE)
+def write_offline_merchant_risk(table: pl.DataFrame, # merchant_risk_table(...) output (every risk entity)
+                                path: Path | str, # the merchant view's file (data dir / MERCHANT_RISK_OFFLINE)
                                ) -> Path:
-    "Write the merchant-risk table as the `merchant_risk` view's offline source (replacing it atomically)."
+    "Write each entity's risk rows as its view's offline source next to `path` (atomically; merchants last)."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    schema = RISK_SCHEMA
-    out = table.select(list(schema)).cast(schema).with_columns(
-        pl.col("day").cast(pl.Datetime("us", "UTC")).alias(TIMESTAMP)).drop("day")
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    to_wire(out, schema).write_parquet(tmp)
-    tmp.rename(path)
+    table = table.select(list(RISK_SCHEMA)).cast(RISK_SCHEMA)
+    for e in sorted(RISK_ENTITIES, key=lambda e: e == "merchant"):  # readers watch the merchant file
+        dest = path.with_name(Path(RISK_OFFLINE[e]).name)
+        rows = table.filter(pl.col("entity") == e).select(
+            pl.col("key").alias(e), pl.col("day").cast(pl.Datetime("us", "UTC")).alias(TIMESTAMP),
+            *(pl.col(c[len(e) + 1:]).alias(c) for c in risk_fields(e)))
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+        rows.write_parquet(tmp)
+        tmp.rename(dest)
     return path
 
-def read_offline_merchant_risk(path: Path | str, # a file written by write_offline_merchant_risk
+def read_offline_merchant_risk(path: Path | str, # the merchant view's file written by write_offline_merchant_risk
                               ) -> pl.DataFrame:
-    "The merchant-risk table (RISK_SCHEMA) back from the view's offline file (e.g. for the stream worker)."
-    return from_wire(pl.read_parquet(path).with_columns(day=pl.col(TIMESTAMP).dt.date()), RISK_SCHEMA)
+    "The entity-risk table (RISK_SCHEMA) back from the views' offline files (e.g. for the stream worker)."
+    path, parts = Path(path), []
+    for e in RISK_ENTITIES:
+        f = path.with_name(Path(RISK_OFFLINE[e]).name)
+        if f.is_file():
+            parts.append(pl.read_parquet(f).select(
+                entity=pl.lit(e), key=pl.col(e), day=pl.col(TIMESTAMP).dt.date(),
+                **{c[len(e) + 1:]: pl.col(c) for c in risk_fields(e)}))
+    return pl.concat(parts).cast(RISK_SCHEMA) if parts else pl.DataFrame(schema=RISK_SCHEMA)
 
 def materialize(store: FeatureStore, # from get_store
                 end: datetime, # rows with event time <= end are candidates (naive = UTC)
                 start: datetime | None = None, # window start (default: epoch, i.e. the latest row of all)
                ) -> None:
-    "Load each merchant's latest merchant-risk row with event time in [start, end] into the online store."
+    "Load each entity key's latest risk row with event time in [start, end] into the online store."
     def utc(d): return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
-    store.materialize(start_date=utc(start or EPOCH), end_date=utc(end), feature_views=[MERCHANT_VIEW])
+    store.materialize(start_date=utc(start or EPOCH), end_date=utc(end), feature_views=list(RISK_VIEWS.values()))
 
 def read_merchant_risk(store: FeatureStore, # from get_store
                        merchants: list[str], # merchants to read (duplicates are read once)
@@ -291,7 +312,7 @@ def read_merchant_risk(store: FeatureStore, # from get_store
     "Online merchant-risk rows (RISK_SCHEMA, `day` from the row's event time); merchants without a row are absent."
     ids = list(dict.fromkeys(merchants))
     if not ids: return pl.DataFrame(schema=RISK_SCHEMA)
-    return _risk_frame(_online(store, [f"{MERCHANT_VIEW}:{c}" for c in _risk_feats()], {"merchant": ids}))
+    return _risk_frame(_online(store, [f"{MERCHANT_VIEW}:{c}" for c in _risk_feats("merchant")], {"merchant": ids}))
 
 # %% ../nbs/11_feature_store.ipynb #890ae178
 _SERVICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # store → {name: FeatureService}
@@ -302,26 +323,39 @@ def _service(store: FeatureStore, name: str):
     if name not in cache: cache[name] = store.get_feature_service(name)
     return cache[name]
 
+def _entity_rows(customer_ids: list[str], merchants: list[str], keys: dict[str, list] | None) -> dict[str, list]:
+    "Feast entity rows: customer, merchant and each other risk entity's key (absent: '', never found)."
+    if len(customer_ids) != len(merchants): raise ValueError("one merchant per customer id expected")
+    rows = {"customer_id": customer_ids, "merchant": merchants}
+    for e in RISK_ENTITIES:
+        if e not in rows:
+            vs = (keys or {}).get(e) or [None] * len(customer_ids)
+            if len(vs) != len(customer_ids): raise ValueError(f"one {e} per customer id expected")
+            rows[e] = ["" if v is None else str(v) for v in vs]
+    return rows
+
 def read_online(store: FeatureStore, # from get_store
                 customer_ids: list[str], # customer of each transaction
                 merchants: list[str], # merchant of each transaction (same length)
                 service: str = FEATURE_SERVICE, # the model's FeatureService
+                keys: dict[str, list] | None = None, # other risk entities' key of each transaction (category, zip)
                ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    "(state, merchant risk) for these transactions in one online read of the model's FeatureService."
-    if len(customer_ids) != len(merchants): raise ValueError("one merchant per customer id expected")
+    "(state, entity risk) for these transactions in one online read of the model's FeatureService."
+    rows = _entity_rows(customer_ids, merchants, keys)
     if not customer_ids: return empty_state(), pl.DataFrame(schema=RISK_SCHEMA)
-    cols = _online(store, _service(store, service), {"customer_id": customer_ids, "merchant": merchants})
+    cols = _online(store, _service(store, service), rows)
     return _state_frame(cols), _risk_frame(cols)
 
 def read_online_rows(store: FeatureStore, # from get_store
                      customer_ids: list[str], # customer of each transaction
                      merchants: list[str], # merchant of each transaction (same length)
                      service: str = FEATURE_SERVICE, # the model's FeatureService
+                     keys: dict[str, list] | None = None, # other risk entities' key of each transaction
                     ) -> tuple[list[dict], list[dict]]:
-    "`read_online` as plain dicts (state rows, merchant-risk rows): what `features.request_row` takes."
-    if len(customer_ids) != len(merchants): raise ValueError("one merchant per customer id expected")
+    "`read_online` as plain dicts (state rows, entity-risk rows): what `features.request_row` takes."
+    rows = _entity_rows(customer_ids, merchants, keys)
     if not customer_ids: return [], []
-    cols = _online(store, _service(store, service), {"customer_id": customer_ids, "merchant": merchants})
+    cols = _online(store, _service(store, service), rows)
     return _state_rows(cols), _risk_rows(cols)
 
 # %% ../nbs/11_feature_store.ipynb #8a9a2b37
@@ -367,6 +401,6 @@ def build_batch_features(clean_dir: Path | str | None = None, # clean parquet fo
     risk_path = write_offline_merchant_risk(risk, data_dir(store) / MERCHANT_RISK_OFFLINE)
     materialize(store, end=as_of)  # merchant risk is the batch pipeline's own: always refreshed online
     push_state(store, state, to="online_and_offline" if push_online else "offline")
-    return dict(as_of=as_of.isoformat(), rows=tx.height, customers=state.height, merchants=risk["merchant"].n_unique(),
+    return dict(as_of=as_of.isoformat(), rows=tx.height, customers=state.height, merchants=risk.filter(pl.col("entity") == "merchant")["key"].n_unique(),
                 risk_rows=risk.height, label_delay_days=delay, online_store=store.config.online_store.type,
                 merchant_risk=str(risk_path), customer_state=str(data_dir(store) / STATE_OFFLINE), pushed_online=push_online)

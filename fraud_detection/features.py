@@ -5,7 +5,9 @@
 # %% ../nbs/10_features.ipynb #f07d85cc
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from functools import cache
 from itertools import accumulate
@@ -16,45 +18,119 @@ from .core import CATEGORIES, clean_schema
 from .formula import Fx, Row, col, evaluate, exprs, when
 
 # %% auto #0
-__all__ = ['WINDOWS', 'STATE_HORIZON', 'RISK_WINDOWS_DAYS', 'TX_FEATURES', 'VELOCITY_FEATURES', 'HISTORY_FEATURES',
-           'MERCHANT_FEATURES', 'FEATURES', 'BASELINE_FEATURES', 'REFERENCE_FEATURES', 'FEATURE_SCHEMA',
-           'REQUIRED_COLUMNS', 'STATE_SCHEMA', 'EARTH_RADIUS_KM', 'RISK_SCHEMA', 'RISK_PRIOR_RATE', 'RISK_PSEUDO_COUNT',
-           'empty_state', 'haversine_km', 'merchant_risk_table', 'merchant_risk_slice', 'batch_features',
-           'state_from_history', 'merge_state', 'incremental_features', 'request_row', 'request_features',
-           'assert_same_features']
+__all__ = ['WINDOWS', 'STATE_HORIZON', 'LIST_WINDOWS', 'RISK_WINDOWS', 'RISK_WINDOWS_DAYS', 'PARTITIONS', 'RISK_ENTITIES',
+           'AGGREGATES', 'LIST_AGGREGATES', 'TX_FEATURES', 'SPEC', 'FEATURE_GROUPS', 'FEATURES', 'VELOCITY_FEATURES',
+           'HISTORY_FEATURES', 'MERCHANT_FEATURES', 'RISK_FEATURES', 'BASELINE_FEATURES', 'REFERENCE_FEATURES',
+           'FEATURE_SCHEMA', 'REQUIRED_COLUMNS', 'STATE_SCHEMA', 'EARTH_RADIUS_KM', 'RISK_SCHEMA', 'RISK_PRIOR_RATE',
+           'RISK_PSEUDO_COUNT', 'risk_table', 'feature_name', 'Family', 'empty_state', 'haversine_km',
+           'merchant_risk_table', 'merchant_risk_slice', 'risk_keys', 'batch_features', 'state_from_history',
+           'merge_state', 'incremental_features', 'request_row', 'request_features', 'assert_same_features']
 
 # %% ../nbs/10_features.ipynb #684e3070
 WINDOWS: dict[str, timedelta] = {"10m": timedelta(minutes=10), "1h": timedelta(hours=1),
                                  "24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 STATE_HORIZON: timedelta = max(WINDOWS.values())  # the state keeps transactions this recent
-RISK_WINDOWS_DAYS: tuple[int, ...] = (1, 7, 30)  # entity-risk look-back windows, each ending a label delay ago
+LIST_WINDOWS: tuple[str, ...] = ("10m", "1h", "24h")  # windows short enough for aggregates of the values themselves
+RISK_WINDOWS: dict[str, int] = {"1d": 1, "7d": 7, "30d": 30}  # label-risk windows in days, each ending a delay ago
+RISK_WINDOWS_DAYS: tuple[int, ...] = tuple(RISK_WINDOWS.values())
+PARTITIONS: dict[str, tuple[str, ...]] = {  # customer-keyed entities → the columns splitting a customer's history
+    "customer": (), "customer_category": ("category",), "customer_merchant": ("merchant",)}
+RISK_ENTITIES: tuple[str, ...] = ("merchant", "category", "zip")  # label risk per entity, keyed by the tx's column
+_PREFIX = {"customer": "", "customer_category": "cat_", "customer_merchant": "merch_",
+           **{e: f"{e}_" for e in RISK_ENTITIES}}
+AGGREGATES: dict[str, str] = {  # aggregate → feature name ({p}: entity prefix, {w}: window, {x}: partition column)
+    "count": "{p}n_{w}", "sum": "{p}amt_{w}", "mean": "{p}amt_mean_{w}", "vs_mean": "{p}amt_vs_mean_{w}",
+    "std": "{p}amt_std_{w}", "max": "{p}amt_max_{w}", "z": "{p}amt_z_{w}", "distinct": "{p}n_merchants_{w}",
+    "since_last": "{p}secs_since_prev", "first": "new_{x}", "dist_prev": "dist_prev_km",
+    "hour_usual": "hour_typicality", "dist_usual": "dist_home_ratio", "risk": "{p}fraud_rate_{w}"}
+LIST_AGGREGATES = ("std", "max", "z", "distinct")  # need the window's values: only over `LIST_WINDOWS`
+_ALL_HISTORY = {"count": "n_prior", "mean": "amt_mean_prior", "vs_mean": "amt_ratio", "z": "amt_z"}  # window "all"
+
+
+def feature_name(entity: str,  # "transaction", a `PARTITIONS` key or a `RISK_ENTITIES` entity
+                 agg: str,  # an `AGGREGATES` key (for "transaction": the feature itself)
+                 window: str,  # a `WINDOWS` key, "all" (whole history) or a `RISK_WINDOWS` key
+                 ) -> str:
+    "The name of the feature `agg` of `entity` over `window`."
+    if entity == "transaction":
+        return agg
+    if window == "all" and entity == "customer" and agg in _ALL_HISTORY:
+        return _ALL_HISTORY[agg]
+    x = PARTITIONS[entity][0] if PARTITIONS.get(entity) else ""
+    return AGGREGATES[agg].format(p=_PREFIX[entity], w=window, x=x)
+
+# %% ../nbs/10_features.ipynb #a1f0c001
+@dataclass(frozen=True)
+class Family:
+    "A feature family: aggregates of one entity's history over windows, declared once, generated in every mode."
+    name: str  # group name (`FEATURE_GROUPS` key; several declarations may share it)
+    entity: str  # "transaction", a `PARTITIONS` key (customer-keyed: stream state) or a `RISK_ENTITIES` entity
+    windows: tuple[str, ...]  # `WINDOWS` keys, "all", or `RISK_WINDOWS` keys for label risk
+    aggs: tuple[str, ...]  # `AGGREGATES` keys (for "transaction": the features)
+
+    def features(self) -> list[str]:
+        "The features this declaration generates, in order."
+        return [feature_name(self.entity, a, w) for w in self.windows for a in self.aggs]
+
 
 TX_FEATURES: list[str] = ["amt", "log_amt", "hour", "dow", "is_night", "is_weekend", "age", "gender_m", "city_pop",
                           "category_code", "dist_home_km"]
-VELOCITY_FEATURES: list[str] = [f"{p}_{w}" for w in WINDOWS for p in ("n", "amt", "amt_mean")]
+_CROSS = ("24h", "7d", "30d")  # windows of the customer × category / merchant families
+SPEC: list[Family] = [
+    Family("transaction", "transaction", ("-",), tuple(TX_FEATURES)),
+    Family("customer_velocity", "customer", tuple(WINDOWS), ("count", "sum", "mean")),
+    Family("customer_amount_vs_window", "customer", tuple(WINDOWS), ("vs_mean",)),
+    Family("customer_spread", "customer", LIST_WINDOWS, ("std", "max", "z", "distinct")),
+    Family("customer_profile", "customer", ("all",), ("count", "mean", "vs_mean", "z")),
+    Family("customer_recency", "customer", ("all",), ("since_last", "dist_prev")),
+    Family("customer_habits", "customer", ("all",), ("hour_usual", "dist_usual")),
+    Family("customer_category", "customer_category", ("all",), ("first",)),
+    Family("customer_category", "customer_category", _CROSS, ("count", "sum")),
+    Family("customer_category", "customer_category", ("30d",), ("since_last",)),
+    Family("customer_merchant", "customer_merchant", ("all",), ("first",)),
+    Family("customer_merchant", "customer_merchant", _CROSS, ("count",)),
+    Family("customer_merchant", "customer_merchant", ("30d",), ("since_last",)),
+    *(Family(f"{e}_risk", e, tuple(RISK_WINDOWS), ("count", "risk")) for e in RISK_ENTITIES),
+]
+
+# %% ../nbs/10_features.ipynb #a1f0c002
+FEATURE_GROUPS: dict[str, list[str]] = {}  # family name → its features (for ablations: drop one family at a time)
+for _f in SPEC:
+    FEATURE_GROUPS.setdefault(_f.name, []).extend(_f.features())
+FEATURES: list[str] = [f for fs in FEATURE_GROUPS.values() for f in fs]  # model input order
+VELOCITY_FEATURES: list[str] = FEATURE_GROUPS["customer_velocity"]
 HISTORY_FEATURES: list[str] = ["n_prior", "amt_mean_prior", "amt_ratio", "amt_z", "secs_since_prev", "dist_prev_km",
                                "new_merchant", "new_category"]
-MERCHANT_FEATURES: list[str] = [f"merchant_{a}_{d}d" for d in RISK_WINDOWS_DAYS for a in ("n", "fraud_rate")]
-FEATURES: list[str] = TX_FEATURES + VELOCITY_FEATURES + HISTORY_FEATURES + MERCHANT_FEATURES  # model input order
+MERCHANT_FEATURES: list[str] = FEATURE_GROUPS["merchant_risk"]
+RISK_FEATURES: list[str] = [f for e in RISK_ENTITIES for f in FEATURE_GROUPS[f"{e}_risk"]]
 BASELINE_FEATURES: list[str] = list(TX_FEATURES)  # the transaction-only subset: needs no history
 REFERENCE_FEATURES: list[str] = [  # the Fraud Detection Handbook's baseline set, computed by this module
-    *(f"{a}_{w}" for w in ("24h", "7d", "30d") for a in ("n", "amt_mean")),
+    *(feature_name("customer", a, w) for w in ("24h", "7d", "30d") for a in ("count", "mean")),
     *MERCHANT_FEATURES, "is_weekend", "is_night"]
 
-_INT32 = {"hour", "dow", "is_night", "is_weekend", "gender_m", "category_code", "new_merchant", "new_category",
-          "n_prior", *(f for f in MERCHANT_FEATURES if f.startswith("merchant_n_")), *(f"n_{w}" for w in WINDOWS)}
+_INTS = ("count", "distinct", "first")
+_INT32 = {"hour", "dow", "is_night", "is_weekend", "gender_m", "category_code",
+          *(feature_name(f.entity, a, w) for f in SPEC if f.entity != "transaction" for a in f.aggs if a in _INTS
+            for w in f.windows)}
 FEATURE_SCHEMA: dict[str, pl.DataType] = {  # dtype of every feature column (ints are counts, codes or 0/1 flags)
     f: pl.Int64 if f == "city_pop" else pl.Int32 if f in _INT32 else pl.Float64 for f in FEATURES}
 REQUIRED_COLUMNS: list[str] = [  # clean columns the features read; the others are carried along
-    "trans_num", "ts", "customer_id", "merchant", "category", "amt", "gender", "lat", "long", "city_pop", "dob",
-    "merch_lat", "merch_long"]
+    "trans_num", "ts", "customer_id", "merchant", "category", "amt", "gender", "zip", "lat", "long", "city_pop",
+    "dob", "merch_lat", "merch_long"]
 
 # %% ../nbs/10_features.ipynb #9b24454f
 STATE_SCHEMA: dict[str, pl.DataType] = {
     "customer_id": pl.String, "n_prior": pl.Int64, "sum_amt": pl.Float64, "sumsq_amt": pl.Float64,
+    "sum_dist": pl.Float64, "sum_hour_cos": pl.Float64, "sum_hour_sin": pl.Float64,
     "last_ts": pl.Datetime("us"), "last_trans_num": pl.String, "last_lat": pl.Float64, "last_long": pl.Float64,
     "recent_ts": pl.List(pl.Datetime("us")), "recent_amt": pl.List(pl.Float64),
+    "recent_merchant": pl.List(pl.String), "recent_category": pl.List(pl.String),
     "merchants": pl.List(pl.String), "categories": pl.List(pl.String)}
+_TOTALS: dict[str, str] = {  # state total → its history-row column (the running totals of all history)
+    "n_prior": "_cnt", "sum_amt": "_sa", "sumsq_amt": "_sq", "sum_dist": "_sd", "sum_hour_cos": "_shc",
+    "sum_hour_sin": "_shs"}
+_RECENT: dict[str, str] = {"recent_ts": "ts", "recent_amt": "amt", "recent_merchant": "merchant",
+                           "recent_category": "category"}  # state list → its history-row column
 
 
 def empty_state() -> pl.DataFrame:
@@ -78,6 +154,7 @@ def haversine_km(lat1: Fx,  # latitude of the first point, degrees
 # %% ../nbs/10_features.ipynb #eb843528
 _C = "customer_id"
 _ORDER = [_C, "ts", "trans_num"]  # history order per customer; ties of ts by trans_num
+_HOUR_ANGLE = 2 * math.pi / 24  # radians per hour of the day
 
 
 def _tx_only() -> list[Fx]:
@@ -92,52 +169,127 @@ def _tx_only() -> list[Fx]:
     ]
 
 
+def _row_totals() -> dict[str, Fx]:
+    "What each transaction adds to its customer's all-history totals (`_TOTALS`), besides a count of 1."
+    angle = col("ts").hour() * _HOUR_ANGLE
+    return {"_sa": col("amt"), "_sq": col("amt") * col("amt"),
+            "_sd": haversine_km(col("lat"), col("long"), col("merch_lat"), col("merch_long")),
+            "_shc": angle.cos(), "_shs": angle.sin()}
+
+
+def _needs() -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    "What the spec asks the history stages for: (entity, window) count/sum pairs, list windows, since-last entities."
+    sums, lists, since = [], [], []
+    for f in SPEC:
+        if f.entity not in PARTITIONS:
+            continue
+        for a in f.aggs:
+            assert a not in LIST_AGGREGATES or (f.entity == "customer" and set(f.windows) <= {*LIST_WINDOWS, "all"}), f
+            if a == "since_last" and f.entity != "customer":
+                since.append(f.entity)
+            sums += [(f.entity, w) for w in f.windows if w != "all" and a in ("count", "sum", "mean", "vs_mean", "z")]
+        lists += [w for w in f.windows if w != "all" and set(f.aggs) & set(LIST_AGGREGATES)]
+    sums += [("customer", w) for w in lists]  # the list aggregates read the window's count
+    return list(dict.fromkeys(sums)), [w for w in LIST_WINDOWS if w in lists], list(dict.fromkeys(since))
+
+
+_SUMS, _LISTS, _SINCE = _needs()
+
+# %% ../nbs/10_features.ipynb #a1f0c003
+def _formula(e: str,  # entity of a `PARTITIONS` family
+             a: str,  # aggregate
+             w: str,  # window
+             ) -> Fx:
+    "The one formula of a customer-keyed feature, over the history columns (raw window sums, totals, lists)."
+    p, amt, n = _PREFIX[e], col("amt"), col("_n_prior")
+    wn, ws, sd = col(f"_n_{p}{w}"), col(f"_s_{p}{w}"), col(f"_std_{w}")
+    if w == "all":
+        mean = col("amt_mean_prior")
+        return {"count": n.to_int(), "vs_mean": when(mean > 0, amt / mean),
+                "z": when(col("_sd") > 1e-6 * mean, (amt - mean) / col("_sd")),
+                "since_last": (col("ts") - col("_pts")).total_microseconds() / 1e6,
+                "dist_prev": haversine_km(col("_pmerch_lat"), col("_pmerch_long"), col("merch_lat"), col("merch_long")),
+                "first": (~col(f"_seen_{PARTITIONS[e][0] if PARTITIONS[e] else ''}")).to_int(),
+                "hour_usual": when(n > 0, (col("_sum_hour_cos") * (col("hour") * _HOUR_ANGLE).cos()
+                                           + col("_sum_hour_sin") * (col("hour") * _HOUR_ANGLE).sin()) / n),
+                "dist_usual": when(col("_sum_dist") > 0, col("dist_home_km") * n / col("_sum_dist"))}[a]
+    if a == "since_last":
+        secs = (col("ts") - col(f"_pts{p}")).total_microseconds() / 1e6
+        return when(secs < WINDOWS[w].total_seconds(), secs)
+    return {"count": wn.to_int(), "sum": ws, "mean": (ws + amt) / (wn + 1), "vs_mean": when(ws > 0, amt * wn / ws),
+            "std": sd, "max": col(f"_max_{w}"), "distinct": col(f"_nm_{w}").to_int(),
+            "z": when(sd > 1e-6 * (ws / wn), (amt - ws / wn) / sd)}[a]
+
+
 def _on_new() -> list[list[Fx]]:
-    "The row formulas on the new rows, in two stages: moments of prior amounts, then the features."
-    n, s, q, amt = col("_n"), col("_s"), col("_q"), col("amt")
-    moments = [when(n > 0, s / n).alias("amt_mean_prior"),
-               when(n > 1, ((q - s * s / n) / (n - 1)).clip_lower(0.0).sqrt()).alias("_sd")]
-    mean, sd = col("amt_mean_prior"), col("_sd")
-    features = [
-        *_tx_only(), n.to_int().alias("n_prior"),
-        when(mean > 0, amt / mean).alias("amt_ratio"),
-        when(sd > 1e-6 * mean, (amt - mean) / sd).alias("amt_z"),
-        ((col("ts") - col("_pts")).total_microseconds() / 1e6).alias("secs_since_prev"),
-        haversine_km(col("_pmerch_lat"), col("_pmerch_long"), col("merch_lat"), col("merch_long"))
-        .alias("dist_prev_km"),
-        (~col("_seen_merchant")).to_int().alias("new_merchant"),
-        (~col("_seen_category")).to_int().alias("new_category"),
-        *(((col(f"amt_{w}") + amt) / (col(f"n_{w}") + 1)).alias(f"amt_mean_{w}") for w in WINDOWS),
-    ]
-    return [moments, features]
+    "The row formulas on the new rows, in two stages: transaction-only features and moments, then the rest."
+    n, s, q = col("_n_prior"), col("_sum_amt"), col("_sumsq_amt")
+    first = [*_tx_only(), when(n > 0, s / n).alias("amt_mean_prior"),
+             when(n > 1, ((q - s * s / n) / (n - 1)).clip_lower(0.0).sqrt()).alias("_sd")]
+    done = {f.name for f in first}
+    rest = [_formula(f.entity, a, w).alias(name) for f in SPEC if f.entity in PARTITIONS
+            for w in f.windows for a in f.aggs if (name := feature_name(f.entity, a, w)) not in done]
+    return [first, rest]
 
 
 _ON_NEW: list[list[Fx]] = _on_new()
 
-
+# %% ../nbs/10_features.ipynb #a1f0c004
 @cache
 def _stages(grouped: bool,  # rows of several customers (partition by customer) or of one
             ) -> tuple[list[pl.Expr], list[pl.Expr], list[list[pl.Expr]]]:
     "The feature definition: (history, velocity) expressions over history rows, then the `_ON_NEW` stages."
-    def over(e: pl.Expr) -> pl.Expr: return e.over(_C) if grouped else e
-    def prior_sum(c: str) -> pl.Expr: return over(pl.col(c).shift(1, fill_value=0).cum_sum())
+    def over(e: pl.Expr, keys: tuple[str, ...] = ()) -> pl.Expr:
+        by = [_C, *keys] if grouped else list(keys)
+        return e.over(by) if by else e
+    def prior_sum(c: str, keys: tuple[str, ...] = ()) -> pl.Expr:
+        return over(pl.col(c).shift(1, fill_value=0).cum_sum(), keys)
+    ts = pl.col("ts")
     history = [
-        prior_sum("_cnt").alias("_n"), prior_sum("_sa").alias("_s"), prior_sum("_sq").alias("_q"),
-        prior_sum("amt").alias("_cs"),
-        *(over(pl.col("ts").search_sorted(pl.col("ts") - d, side="right").cast(pl.Int64)).alias(f"_j{w}")
-          for w, d in WINDOWS.items()),
+        *(prior_sum(c).alias(f"_{t}") for t, c in _TOTALS.items()),
+        *(prior_sum("amt", PARTITIONS[e]).alias(f"_cs{_PREFIX[e]}") for e in dict.fromkeys(e for e, _ in _SUMS)),
+        *(over(ts.search_sorted(ts - WINDOWS[w], side="right").cast(pl.Int64), PARTITIONS[e])
+          .alias(f"_j{_PREFIX[e]}{w}") for e, w in _SUMS),
         *(over(pl.col(c).shift(1)).alias(f"_p{c}") for c in ("ts", "merch_lat", "merch_long")),
+        *(over(ts.shift(1), PARTITIONS[e]).alias(f"_pts{_PREFIX[e]}") for e in _SINCE),
         *((pl.col(f"_in_{seen}") | ~(pl.struct(_C, c) if grouped else pl.col(c)).is_first_distinct())
           .alias(f"_seen_{c}") for c, seen in (("merchant", "merchants"), ("category", "categories"))),
     ]
-    pos, cs = pl.int_range(pl.len(), dtype=pl.Int64), pl.col("_cs")
-    velocity = [e for w in WINDOWS for e in (
-        over(pos - pl.col(f"_j{w}")).cast(pl.Int32).alias(f"n_{w}"),
-        over(cs - cs.gather(pl.col(f"_j{w}"))).alias(f"amt_{w}"))]
+    pos = pl.int_range(pl.len(), dtype=pl.Int64)
+    velocity = []
+    for e, w in _SUMS:
+        p = _PREFIX[e]
+        cs, j = pl.col(f"_cs{p}"), pl.col(f"_j{p}{w}")
+        velocity += [over(pos - j, PARTITIONS[e]).alias(f"_n_{p}{w}"), over(cs - cs.gather(j), PARTITIONS[e])
+                     .alias(f"_s_{p}{w}")]
     return history, velocity, [exprs(stage) for stage in _ON_NEW]
+
+
+def _with_lists(lf: pl.LazyFrame,  # history rows after the velocity stage, in order
+                after_state: bool,  # one new row, last
+                ) -> pl.LazyFrame:
+    "The new rows, with the list aggregates (std, max of amounts, distinct merchants) of each `_LISTS` window."
+    new = lf.tail(1) if after_state else lf.filter("_new")
+    if not _LISTS:
+        return new
+    big = _LISTS[-1]  # the longest: its prior rows are the `_n_{big}` rows just before the new row
+    lf = lf.with_columns(_g=pl.int_range(pl.len(), dtype=pl.Int64))
+    new = (lf.tail(1) if after_state else lf.filter("_new"))
+    hist = lf.select(_k="_g", _kts="ts", _kamt="amt", _km="merchant")
+    ex = new.select("_g", "ts", _k=pl.int_ranges(pl.col("_g") - pl.col(f"_n_{big}"), "_g")).explode("_k") \
+        .join(hist, on="_k", how="left")
+    inside = {w: pl.col("_kts") > pl.col("ts").first() - WINDOWS[w] for w in _LISTS}
+    agg = ex.group_by("_g").agg(
+        *(pl.col("_kamt").filter(inside[w]).std().alias(f"_std_{w}") for w in _LISTS),
+        *(pl.col("_kamt").filter(inside[w]).max().alias(f"_max_{w}") for w in _LISTS),
+        *(pl.col("_km").filter(inside[w]).n_unique().cast(pl.Int64).alias(f"_nm_{w}") for w in _LISTS))
+    return new.join(agg, on="_g", how="left", maintain_order="left").with_columns(
+        pl.col(f"_nm_{w}").fill_null(0) for w in _LISTS)  # rows without prior rows in the window
 
 # %% ../nbs/10_features.ipynb #cd7d5562
 _SEEN = {"merchants": "merchant", "categories": "category"}  # seen set → its column
+_ROW_TOTALS: dict[str, pl.Expr] = {c: f.expr for c, f in _row_totals().items()}
+_RECENT_AS = {c: s for s, c in _RECENT.items()}  # history-row column ← state list
 
 
 def _rows(st: pl.DataFrame,  # state rows of (at least) the new rows' customers
@@ -146,11 +298,11 @@ def _rows(st: pl.DataFrame,  # state rows of (at least) the new rows' customers
           ) -> pl.LazyFrame:
     "The customers' history rows rebuilt from the state, then the new rows; sorted per customer in order."
     last = pl.col(_C).is_last_distinct()  # the state's last transaction (recent lists are in order)
-    ctx = st.lazy().select(_C, ts="recent_ts", amt="recent_amt", trans_num="last_trans_num", merch_lat="last_lat",
-                           merch_long="last_long", _cnt="n_prior", _sa="sum_amt", _sq="sumsq_amt") \
-        .explode("ts", "amt") \
+    ctx = st.lazy().select(_C, trans_num="last_trans_num", merch_lat="last_lat", merch_long="last_long",
+                           **_RECENT_AS, **{c: t for t, c in _TOTALS.items()}) \
+        .explode(*_RECENT.values()) \
         .with_columns(*(pl.when(last).then(c).alias(c) for c in ("trans_num", "merch_lat", "merch_long")),
-                      *(pl.when(last).then(c).otherwise(0).alias(c) for c in ("_cnt", "_sa", "_sq")),
+                      *(pl.when(last).then(c).otherwise(0).alias(c) for c in _TOTALS.values()),
                       _new=pl.lit(False))
     rows = new.lazy()
     if st.height == 0:
@@ -163,8 +315,8 @@ def _rows(st: pl.DataFrame,  # state rows of (at least) the new rows' customers
             pairs = st.lazy().select(_C, pl.col(s).alias(c), pl.lit(True).alias(f"_in_{s}")).explode(c)
             rows = rows.join(pairs, on=[_C, c], how="left", maintain_order="left") \
                 .with_columns(pl.col(f"_in_{s}").fill_null(False))
-    rows = pl.concat([ctx, rows.with_columns(_cnt=pl.lit(1, pl.Int64), _sa=pl.col("amt"),
-                                             _sq=pl.col("amt") * pl.col("amt"), _new=pl.lit(True))], how="diagonal")
+    rows = pl.concat([ctx, rows.with_columns(_cnt=pl.lit(1, pl.Int64), **_ROW_TOTALS, _new=pl.lit(True))],
+                     how="diagonal")
     return rows if after_state else rows.sort(_ORDER, nulls_last=False, maintain_order=True)  # stable: state's ties
 
 
@@ -173,40 +325,55 @@ def _collect(lf: pl.LazyFrame) -> pl.DataFrame:
     return lf.collect(engine="in-memory", optimizations=pl.QueryOptFlags.none())
 
 # %% ../nbs/10_features.ipynb #b280c199
-RISK_SCHEMA: dict[str, pl.DataType] = {  # merchant_risk_table's columns (and the online store's risk rows)
-    "merchant": pl.String(), "day": pl.Date(), **{f: FEATURE_SCHEMA[f] for f in MERCHANT_FEATURES}}
+RISK_SCHEMA: dict[str, pl.DataType] = {  # entity-risk table columns (and the online store's risk rows as dicts)
+    "entity": pl.String(), "key": pl.String(), "day": pl.Date(),
+    **{f"{a}_{w}": pl.Int32() if a == "n" else pl.Float64() for w in RISK_WINDOWS for a in ("n", "fraud_rate")}}
+_RISK_VALUES = list(RISK_SCHEMA)[3:]  # n_1d, fraud_rate_1d, ...: feature `{entity}_{value}`
 RISK_PRIOR_RATE = 0.005  # prior fraud rate for smoothing and cold start (≈ Sparkov's base rate)
 RISK_PSEUDO_COUNT = 20.0  # weight of the prior, in transactions
 
 
 def _risk_cold(f: str) -> int | float:
     "The value of risk feature `f` for an entity without rows: no volume, the prior rate."
-    return 0 if "_n_" in f else RISK_PRIOR_RATE
+    return RISK_PRIOR_RATE if "fraud_rate" in f else 0
 
 
-def merchant_risk_table(tx: pl.DataFrame,  # labelled clean transactions (needs merchant, ts, is_fraud)
-                        label_delay_days: int,  # labels arrive this many days after the transaction
-                        ) -> pl.DataFrame:
-    "Per (merchant, day) and window w: count and smoothed fraud rate of its tx in [day - delay - w, day - delay)."
-    daily = tx.lazy().group_by("merchant", day=pl.col("ts").dt.date()).agg(
+def _risk_key(e: str) -> pl.Expr:
+    "The transaction's key of risk entity `e`, as the risk table's string `key`."
+    return pl.col(e).cast(pl.String)
+
+
+def _entity_risk(tx: pl.DataFrame, e: str, label_delay_days: int) -> pl.LazyFrame:
+    "Per (key of entity `e`, day) and window w: count and smoothed fraud rate in [day - delay - w, day - delay)."
+    daily = tx.lazy().filter(pl.col(e).is_not_null()).group_by(key=_risk_key(e), day=pl.col("ts").dt.date()).agg(
         _n=pl.len().cast(pl.Int64), _f=pl.col("is_fraud").cast(pl.Int64).sum())
     lo, hi = tx.select(lo=pl.col("ts").min().dt.date(), hi=pl.col("ts").max().dt.date()).row(0)
     days = pl.LazyFrame({"day": pl.date_range(lo, hi + timedelta(days=1), eager=True)})
-    grid = tx.lazy().select(pl.col("merchant").unique()).join(days, how="cross") \
-        .join(daily, on=["merchant", "day"], how="left").sort("merchant", "day")
+    grid = tx.lazy().select(_risk_key(e).unique().drop_nulls().alias("key")).join(days, how="cross") \
+        .join(daily, on=["key", "day"], how="left").sort("key", "day")
 
-    def looked_back(c: str, w: int) -> pl.Expr:  # sum over the dates [day - delay - w, day - delay - 1]
-        return pl.col(c).fill_null(0).rolling_sum(w, min_samples=1).shift(label_delay_days + 1) \
-            .over("merchant").fill_null(0)
+    def looked_back(c: str, d: int) -> pl.Expr:  # sum over the dates [day - delay - d, day - delay - 1]
+        return pl.col(c).fill_null(0).rolling_sum(d, min_samples=1).shift(label_delay_days + 1).over("key").fill_null(0)
     cols = {}
-    for w in RISK_WINDOWS_DAYS:
-        n, f = looked_back("_n", w), looked_back("_f", w)
-        cols[f"merchant_n_{w}d"] = n.cast(pl.Int32)
-        cols[f"merchant_fraud_rate_{w}d"] = (f + RISK_PSEUDO_COUNT * RISK_PRIOR_RATE) / (n + RISK_PSEUDO_COUNT)
-    return grid.select("merchant", "day", **cols).collect()
+    for w, d in RISK_WINDOWS.items():
+        n, f = looked_back("_n", d), looked_back("_f", d)
+        cols[f"n_{w}"], cols[f"fraud_rate_{w}"] = n, (f + RISK_PSEUDO_COUNT * RISK_PRIOR_RATE) / (n + RISK_PSEUDO_COUNT)
+    return grid.select(entity=pl.lit(e), key="key", day="day", **cols)
 
 
-def merchant_risk_slice(merchant_risk: pl.DataFrame,  # a `merchant_risk_table` (a row per merchant and day)
+def merchant_risk_table(tx: pl.DataFrame,  # labelled clean transactions (needs ts, is_fraud, the entities' columns)
+                        label_delay_days: int,  # labels arrive this many days after the transaction
+                        ) -> pl.DataFrame:
+    "The entity-risk table (`RISK_SCHEMA`): a row per (risk entity, key, day), each window ending the delay before."
+    if tx.is_empty():
+        return pl.DataFrame(schema=RISK_SCHEMA)
+    return pl.concat([_entity_risk(tx, e, label_delay_days) for e in RISK_ENTITIES]).collect().cast(RISK_SCHEMA)
+
+
+risk_table = merchant_risk_table  # the general name: every `RISK_ENTITIES` entity, not only merchants
+
+# %% ../nbs/10_features.ipynb #a1f0c005
+def merchant_risk_slice(merchant_risk: pl.DataFrame,  # a `merchant_risk_table` (a row per entity key and day)
                         tx: pl.DataFrame,  # the transactions about to be scored
                         ) -> pl.DataFrame:
     "The rows of a full table that `tx` uses (its dates, or the last day for later ones): a cheap day filter."
@@ -214,26 +381,35 @@ def merchant_risk_slice(merchant_risk: pl.DataFrame,  # a `merchant_risk_table` 
     return merchant_risk.filter(pl.col("day").is_between(min(lo, merchant_risk["day"].max()), hi))
 
 
+def risk_keys(tx: Row,  # a clean transaction
+              ) -> dict[str, str | None]:
+    "The transaction's key of each `RISK_ENTITIES` entity, as the risk table and the online store hold it."
+    return {e: None if tx.get(e) is None else str(tx[e]) for e in RISK_ENTITIES}
+
+
 def _with_risk(lf: pl.LazyFrame,  # new rows sorted by (ts, trans_num)
-               tx: pl.DataFrame,  # the same transactions (for their dates and merchants)
-               merchant_risk: pl.DataFrame | None,  # `merchant_risk_table` rows (or None: all merchants cold)
+               tx: pl.DataFrame,  # the same transactions (for their dates and keys)
+               risk: pl.DataFrame | None,  # `merchant_risk_table` rows (or None: every entity cold)
                ) -> pl.LazyFrame:
-    "Add the merchant-risk features: the merchant's latest table row dated on or before the transaction's date."
-    if merchant_risk is None:
-        return lf.with_columns(pl.lit(_risk_cold(f), FEATURE_SCHEMA[f]).alias(f) for f in MERCHANT_FEATURES)
-    risk = merchant_risk.lazy().select("merchant", pl.col("day").cast(pl.Date), *MERCHANT_FEATURES)
-    if merchant_risk.height > tx.height > 0:  # keep the rows this batch can use
-        risk = risk.filter(pl.col("day") <= tx["ts"].max().date()).join(tx.lazy().select("merchant"), on="merchant",
-                                                                          how="semi")
-    return lf.with_columns(_day=pl.col("ts").dt.date()) \
-        .join_asof(risk.sort("merchant", "day"), left_on="_day", right_on="day", by="merchant",
-                   check_sortedness=False) \
-        .with_columns(pl.col(f).fill_null(_risk_cold(f)).cast(FEATURE_SCHEMA[f]) for f in MERCHANT_FEATURES)
+    "Add the entity-risk features: each entity's latest table row dated on or before the transaction's date."
+    if risk is None:
+        return lf.with_columns(pl.lit(_risk_cold(f), FEATURE_SCHEMA[f]).alias(f) for f in RISK_FEATURES)
+    lf = lf.with_columns(_day=pl.col("ts").dt.date())
+    for e in RISK_ENTITIES:
+        r = risk.lazy().filter(pl.col("entity") == e).select(
+            pl.col("key").alias(f"_rk{e}"), pl.col("day").cast(pl.Date).alias(f"_rd{e}"),
+            *(pl.col(v).alias(f"{e}_{v}") for v in _RISK_VALUES))
+        if risk.height > tx.height > 0:  # keep the rows this batch can use
+            r = r.filter(pl.col(f"_rd{e}") <= tx["ts"].max().date()).join(
+                tx.lazy().select(_risk_key(e).alias(f"_rk{e}")), on=f"_rk{e}", how="semi")
+        lf = lf.with_columns(_risk_key(e).alias(f"_rk{e}")).join_asof(
+            r.sort(f"_rk{e}", f"_rd{e}"), left_on="_day", right_on=f"_rd{e}", by=f"_rk{e}", check_sortedness=False)
+    return lf.with_columns(pl.col(f).fill_null(_risk_cold(f)).cast(FEATURE_SCHEMA[f]) for f in RISK_FEATURES)
 
 # %% ../nbs/10_features.ipynb #928771d3
 def _features(st: pl.DataFrame,  # state rows of the transactions' customers (or more)
               tx: pl.DataFrame,  # new transactions (clean columns, at least `REQUIRED_COLUMNS`)
-              merchant_risk: pl.DataFrame | None,  # `merchant_risk_table` rows or None
+              risk: pl.DataFrame | None,  # `merchant_risk_table` rows or None
               keep_rows: bool = False,  # also return the history rows (for `_next_state`)
               ) -> tuple[pl.DataFrame, pl.DataFrame | None]:
     "(tx sorted by (ts, trans_num) with the features, the history rows if asked) given the customers' state."
@@ -248,16 +424,17 @@ def _features(st: pl.DataFrame,  # state rows of the transactions' customers (or
     if rows is not None:
         lf = rows.lazy()
     history, velocity, on_new = _stages(tx.height > 1 and tx[_C].n_unique() > 1)
-    lf = lf.with_columns(history).with_columns(velocity)
-    lf = lf.tail(1) if after_state else lf.filter("_new").sort("_i")  # the new rows, in tx's order
+    lf = _with_lists(lf.with_columns(history).with_columns(velocity), after_state)
+    if not after_state:
+        lf = lf.sort("_i")  # the new rows, in tx's order
     for stage in on_new:
         lf = lf.with_columns(stage)
-    out = _collect(_with_risk(lf, tx, merchant_risk))
+    out = _collect(_with_risk(lf, tx, risk))
     return pl.concat([tx, out[[f for f in FEATURES if f not in tx.columns]]], how="horizontal"), rows
 
 
 def batch_features(tx: pl.DataFrame,  # clean transactions, any order, any customers (the whole history)
-                   merchant_risk: pl.DataFrame | None = None,  # `merchant_risk_table` rows; None: merchants cold
+                   merchant_risk: pl.DataFrame | None = None,  # `merchant_risk_table` rows; None: entities cold
                    ) -> pl.DataFrame:
     "The rows of `tx` sorted by (ts, trans_num), with all their columns + `FEATURES`."
     return _features(empty_state(), tx, merchant_risk)[0]
@@ -268,11 +445,11 @@ def _next_state(st: pl.DataFrame,  # the previous state rows of `rows`' customer
                 ) -> pl.DataFrame:
     "The state after `rows`, one row per customer of its new rows."
     ts = pl.col("ts")
+    recent = ts > ts.last() - STATE_HORIZON
     out = rows.lazy().group_by(_C).agg(
-        n_prior=pl.col("_cnt").sum(), sum_amt=pl.col("_sa").cum_sum().last(), sumsq_amt=pl.col("_sq").cum_sum().last(),
+        n_prior=pl.col("_cnt").sum(), **{t: pl.col(c).cum_sum().last() for t, c in _TOTALS.items() if t != "n_prior"},
         last_ts=ts.last(), last_trans_num=pl.col("trans_num").last(), last_lat=pl.col("merch_lat").last(),
-        last_long=pl.col("merch_long").last(), recent_ts=ts.filter(ts > ts.last() - STATE_HORIZON),
-        recent_amt=pl.col("amt").filter(ts > ts.last() - STATE_HORIZON),
+        last_long=pl.col("merch_long").last(), **{s: pl.col(c).filter(recent) for s, c in _RECENT.items()},
         **{f"_new_{s}": pl.col(c).drop_nulls().unique(maintain_order=True) for s, c in _SEEN.items()})
     if st.height:
         out = out.join(st.lazy().select(_C, *_SEEN), on=_C, how="left")
@@ -282,7 +459,7 @@ def _next_state(st: pl.DataFrame,  # the previous state rows of `rows`' customer
         pl.concat_list(pl.col(s).fill_null([]), f"_new_{s}").list.unique(maintain_order=True).alias(s)
         for s in _SEEN).select(list(STATE_SCHEMA)).sort(_C).cast(STATE_SCHEMA))
 
-
+# %% ../nbs/10_features.ipynb #a1f0c006
 def _state_of(state: pl.DataFrame,  # a state (any customers)
               tx: pl.DataFrame,  # transactions
               ) -> pl.DataFrame:
@@ -316,42 +493,70 @@ def incremental_features(state: pl.DataFrame,  # state of (at least) the batch's
 
 # %% ../nbs/10_features.ipynb #b95437e6
 _COLD_HISTORY: Row = {  # the history columns of a customer's first transaction
-    "_n": 0, "_s": 0.0, "_q": 0.0, "_pts": None, "_pmerch_lat": None, "_pmerch_long": None,
-    "_seen_merchant": False, "_seen_category": False, **{f"n_{w}": 0 for w in WINDOWS},
-    **{f"amt_{w}": 0.0 for w in WINDOWS}}
+    **{f"_{t}": 0 if t == "n_prior" else 0.0 for t in _TOTALS}, "_pts": None, "_pmerch_lat": None,
+    "_pmerch_long": None, "_seen_merchant": False, "_seen_category": False,
+    **{f"_n_{_PREFIX[e]}{w}": 0 for e, w in _SUMS}, **{f"_s_{_PREFIX[e]}{w}": 0.0 for e, w in _SUMS},
+    **{f"_pts{_PREFIX[e]}": None for e in _SINCE},
+    **{f"_{a}_{w}": None for w in _LISTS for a in ("std", "max")}, **{f"_nm_{w}": 0 for w in _LISTS}}
 
 
+def _std(xs: list[float]) -> float | None:
+    "Sample standard deviation (null below 2 values), as polars computes it."
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) * (x - m) for x in xs) / (len(xs) - 1))
+
+# %% ../nbs/10_features.ipynb #a1f0c007
 def _after_state(tx: Row,  # the transaction (clean columns)
                  st: Row | None,  # its customer's state row, all of it before `tx`; None: no history
                  ) -> Row:
-    "The history and velocity columns of a transaction that comes after its customer's whole state."
+    "The history columns of a transaction that comes after its customer's whole state."
     if st is None:
         return dict(_COLD_HISTORY)
-    ts, k = st["recent_ts"], len(st["recent_ts"])
-    cs = list(accumulate(st["recent_amt"], initial=0.0))  # exclusive running sum of amounts, as the history stage
-    out = {"_n": st["n_prior"], "_s": st["sum_amt"], "_q": st["sumsq_amt"], "_pts": st["last_ts"],
-           "_pmerch_lat": st["last_lat"], "_pmerch_long": st["last_long"],
-           "_seen_merchant": tx["merchant"] in st["merchants"], "_seen_category": tx["category"] in st["categories"]}
-    for w, d in WINDOWS.items():
-        j = bisect_right(ts, tx["ts"] - d)  # the first recent transaction inside the window
-        out[f"n_{w}"], out[f"amt_{w}"] = k - j, cs[k] - cs[j]
+    ts, amt, k = st["recent_ts"], st["recent_amt"], len(st["recent_ts"])
+    cs = list(accumulate(amt, initial=0.0))  # exclusive running sum of amounts, as the history stage
+    out = {f"_{t}": st[t] for t in _TOTALS} | {
+        "_pts": st["last_ts"], "_pmerch_lat": st["last_lat"], "_pmerch_long": st["last_long"],
+        "_seen_merchant": tx["merchant"] in st["merchants"], "_seen_category": tx["category"] in st["categories"]}
+    start = {w: bisect_right(ts, tx["ts"] - d) for w, d in WINDOWS.items()}  # first recent tx inside each window
+    for e, w in _SUMS:
+        p, j = _PREFIX[e], start[w]
+        if not PARTITIONS[e]:
+            out[f"_n_{p}{w}"], out[f"_s_{p}{w}"] = k - j, cs[k] - cs[j]
+            continue
+        c = PARTITIONS[e][0]
+        mine, v = st[f"recent_{c}"], tx[c]
+        hits = [amt[i] for i in range(j, k) if mine[i] == v]
+        out[f"_n_{p}{w}"], out[f"_s_{p}{w}"] = len(hits), sum(hits, 0.0)
+    for e in _SINCE:
+        c = PARTITIONS[e][0]
+        mine, v = st[f"recent_{c}"], tx[c]
+        out[f"_pts{_PREFIX[e]}"] = next((ts[i] for i in range(k - 1, -1, -1) if mine[i] == v), None)
+    for w in _LISTS:
+        xs = amt[start[w]:]
+        out[f"_std_{w}"], out[f"_max_{w}"] = _std(xs), max(xs, default=None)
+        out[f"_nm_{w}"] = len(set(st["recent_merchant"][start[w]:]))
     return out
 
 
 def _risk_of(tx: Row,  # the transaction
-             merchant_risk: list[Row] | None,  # `RISK_SCHEMA` rows; None: cold
+             risk: list[Row] | None,  # `RISK_SCHEMA` rows (any entities and keys); None: cold
              ) -> Row:
-    "The merchant-risk features: the merchant's latest row dated on or before the transaction's date."
-    day, best = tx["ts"].date(), None
-    for r in merchant_risk or ():
-        if r["merchant"] == tx["merchant"] and r["day"] <= day and (best is None or r["day"] > best["day"]):
-            best = r
-    if best is None:
-        return {f: _risk_cold(f) for f in MERCHANT_FEATURES}
-    return {f: _risk_cold(f) if best[f] is None else int(best[f]) if "_n_" in f else float(best[f])
-            for f in MERCHANT_FEATURES}
+    "The entity-risk features: each entity's latest row dated on or before the transaction's date."
+    day, best = tx["ts"].date(), {}
+    keys = risk_keys(tx)
+    for r in risk or ():
+        e = r["entity"]
+        if keys.get(e) == r["key"] and r["day"] <= day and (e not in best or r["day"] > best[e]["day"]):
+            best[e] = r
+    out = {f: _risk_cold(f) for f in RISK_FEATURES}
+    for e, r in best.items():
+        out |= {f"{e}_{v}": _risk_cold(v) if r[v] is None else int(r[v]) if v.startswith("n_") else float(r[v])
+                for v in _RISK_VALUES}
+    return out
 
-
+# %% ../nbs/10_features.ipynb #a1f0c008
 def _clean_row(tx: Row) -> Row:
     "A copy of a clean transaction dict with `ts`/`dob` parsed from ISO strings; every required column present."
     missing = [c for c in REQUIRED_COLUMNS if c not in tx]
@@ -367,7 +572,7 @@ def _clean_row(tx: Row) -> Row:
 
 def request_row(tx: Row,  # one clean transaction (ts/dob as datetime/date or ISO strings)
                 state: Row | None,  # its customer's state row (`STATE_SCHEMA` values); None: no history
-                merchant_risk: list[Row] | None = None,  # `RISK_SCHEMA` rows (any merchants)
+                merchant_risk: list[Row] | None = None,  # `RISK_SCHEMA` rows (any entities and keys)
                 ) -> Row:
     "`FEATURES` of one transaction as a dict, as `batch_features` gives them after the state's history."
     row = _clean_row(tx)
@@ -395,14 +600,17 @@ def _tx_frame(tx: Row | pl.DataFrame,  # one clean transaction
 
 def request_features(tx: Row | pl.DataFrame,  # one clean transaction (dict or one-row frame)
                      state: pl.DataFrame | None,  # its customer's state row (other rows are ignored); None: no history
-                     merchant_risk: pl.DataFrame | None = None,  # the merchant's risk row(s); None: cold merchant
+                     merchant_risk: pl.DataFrame | None = None,  # risk rows (`RISK_SCHEMA`); None: entities cold
                      ) -> pl.DataFrame:
     "One row: the transaction's columns + `FEATURES`, as `batch_features` gives them after the state's history."
     df = _tx_frame(tx if isinstance(tx, pl.DataFrame) else _clean_row(tx))
     row = df.row(0, named=True)
     st = None if state is None else state.filter(pl.col(_C) == row[_C])
-    risk = None if merchant_risk is None else \
-        merchant_risk.filter(pl.col("merchant") == row["merchant"]).select(list(RISK_SCHEMA)).to_dicts()
+    risk = None
+    if merchant_risk is not None:
+        keys = pl.DataFrame({"entity": list(RISK_ENTITIES), "key": list(risk_keys(row).values())},
+                            schema={"entity": pl.String, "key": pl.String})
+        risk = merchant_risk.join(keys, on=["entity", "key"], how="semi").select(list(RISK_SCHEMA)).to_dicts()
     feats = request_row(row, st.row(0, named=True) if st is not None and st.height else None, risk)
     rest = [f for f in FEATURES if f not in df.columns]
     return pl.concat([df, pl.DataFrame([[feats[f] for f in rest]], schema={f: FEATURE_SCHEMA[f] for f in rest},

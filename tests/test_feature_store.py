@@ -28,10 +28,11 @@ from fraud_detection.feature_store import (
     materialize,
     push_state,
     read_merchant_risk,
+    read_online_rows,
     read_state,
     write_offline_merchant_risk,
 )
-from fraud_detection.features import STATE_SCHEMA, merchant_risk_table, state_from_history
+from fraud_detection.features import RISK_SCHEMA, STATE_SCHEMA, merchant_risk_table, state_from_history
 
 FEAST_TEST_DB = 12  # Redis db used only by these tests: flushed before and after each test
 
@@ -126,7 +127,7 @@ def test_merchant_risk_materialize_and_read(store, fraud_home):
     write_offline_merchant_risk(risk, data_dir(store) / MERCHANT_RISK_OFFLINE)
     materialize(store, end=datetime(2020, 1, 3, 12))
     got = read_merchant_risk(store, ["m1", "zz", "m2"])
-    want = risk.filter(pl.col("day") == date(2020, 1, 3)).sort("merchant")
+    want = risk.filter(pl.col("entity") == "merchant", pl.col("day") == date(2020, 1, 3)).sort("key")
     assert got.equals(want), (got, want)
     assert read_merchant_risk(store, ["zz"]).is_empty()
 
@@ -148,8 +149,13 @@ def test_batch_pipeline_end_to_end(store, fraud_home):
     last_day = train["ts"].max().date()
     on = read_merchant_risk(store, train["merchant"].unique().to_list())
     assert on.height == summary["merchants"] and set(on["day"]) == {last_day}
-    want_risk = merchant_risk_table(train, 3).filter(pl.col("day") == last_day).sort("merchant")
-    assert on.sort("merchant").equals(want_risk)
+    want_risk = merchant_risk_table(train, 3).filter(pl.col("day") == last_day)
+    assert on.sort("key").equals(want_risk.filter(pl.col("entity") == "merchant").sort("key"))
+    keys = {e: train[e].unique().to_list() for e in ("category", "zip")}  # the other entities' views, read online
+    n = max(len(v) for v in keys.values())
+    _, rows = read_online_rows(store, ["nobody"] * n, [""] * n, keys={e: (v * n)[:n] for e, v in keys.items()})
+    got_other = pl.DataFrame(rows, schema=RISK_SCHEMA, orient="row").sort("entity", "key")
+    assert got_other.equals(want_risk.filter(pl.col("entity") != "merchant").sort("entity", "key"))
 
 
 def test_scheduled_run_leaves_customer_state_to_the_stream(store, fraud_home):

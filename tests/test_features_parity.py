@@ -15,7 +15,10 @@ from hypothesis import strategies as st
 
 from fraud_detection.core import CATEGORIES, clean_schema
 from fraud_detection.features import (
+    FEATURE_GROUPS,
     FEATURES,
+    LIST_WINDOWS,
+    SPEC,
     STATE_HORIZON,
     STATE_SCHEMA,
     WINDOWS,
@@ -127,14 +130,30 @@ def test_batch_matches_a_plain_python_oracle(tx: pl.DataFrame, batch: pl.DataFra
         row |= {f"amt_{w}": sum(p["amt"] for p in prior if p["ts"] > r["ts"] - d) for w, d in WINDOWS.items()}
         mean = sum(amts) / len(amts) if amts else None
         sd = (sum((a - mean) ** 2 for a in amts) / (len(amts) - 1)) ** 0.5 if len(amts) > 1 else None
+        for w, d in WINDOWS.items():
+            inside = [p for p in prior if p["ts"] > r["ts"] - d]
+            for c, pre in (("category", "cat_"), ("merchant", "merch_")):
+                same = [p["amt"] for p in inside if p[c] == r[c]]
+                row[f"{pre}n_{w}"], row[f"{pre}amt_{w}"] = len(same), sum(same)
+            if w in LIST_WINDOWS:
+                xs = [p["amt"] for p in inside]
+                m = sum(xs) / len(xs) if xs else None
+                row[f"amt_std_{w}"] = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else None
+                row[f"amt_max_{w}"] = max(xs, default=None)
+                row[f"n_merchants_{w}"] = len({p["merchant"] for p in inside})
+            row[f"amt_mean_{w}"] = (sum(p["amt"] for p in inside) + r["amt"]) / (len(inside) + 1)
+        for c, pre in (("category", "cat_"), ("merchant", "merch_")):
+            last = [p["ts"] for p in prior if p[c] == r[c]]
+            gap = (r["ts"] - last[-1]).total_seconds() if last else None
+            row[f"{pre}secs_since_prev"] = gap if gap is not None and gap < 30 * 86400 else None
         row |= {"n_prior": len(prior), "amt_mean_prior": mean, "amt_z": (r["amt"] - mean) / sd if sd else None,
                 "secs_since_prev": (r["ts"] - prior[-1]["ts"]).total_seconds() if prior else None,
                 "new_merchant": int(all(p["merchant"] != r["merchant"] for p in prior)),
                 "new_category": int(all(p["category"] != r["category"] for p in prior))}
         want.append(row)
         prior.append(r)
-    names = list(want[0])
-    want = pl.DataFrame(want).cast({c: batch.schema[c] for c in names}).with_columns(batch["trans_num"])
+    names = [c for c in want[0] if c in FEATURES]
+    want = pl.DataFrame(want).select(names).cast({c: batch.schema[c] for c in names}).with_columns(batch["trans_num"])
     assert_same_features(batch, want, features=names, rtol=1e-7)
 
 
@@ -188,6 +207,45 @@ def test_customers_without_history(tx: pl.DataFrame, risk: pl.DataFrame, batch: 
                                           cut, risk)
     assert_same_features(feats, batch_features(cut, risk))
     assert updated.sort("customer_id").equals(state_from_history(cut))
+
+
+def test_spec_generates_every_feature() -> None:
+    "FEATURES is exactly what the spec declares, each feature in one family, each family non-empty."
+    declared = [f for fam in SPEC for f in fam.features()]
+    assert sorted(declared) == sorted(FEATURES) and len(set(declared)) == len(declared)
+    assert [f for fs in FEATURE_GROUPS.values() for f in fs] == FEATURES and all(FEATURE_GROUPS.values())
+
+
+@pytest.fixture(scope="module")
+def modes(tx: pl.DataFrame, risk: pl.DataFrame) -> dict[str, tuple[pl.DataFrame, list[int]]]:
+    "Each mode's features of some rows → (features, their row numbers in `batch`)."
+    inc, _ = in_batches(tx, [3, 1, 250, 17, 64], risk)
+    firsts = set(tx.group_by("customer_id").agg(pl.col("trans_num").first())["trans_num"])
+    held = sorted({i for i, t in enumerate(tx["trans_num"]) if t in firsts} | set(range(200, tx.height, 53)))
+    req = pl.concat([request_features(tx.row(i, named=True), state_from_history(tx[:i]) if i else None, risk)
+                     for i in held])
+    cold = [i for i in held if tx["trans_num"][i] in firsts]
+    def others(i: int) -> pl.DataFrame:  # a state of every other customer, over all of tx
+        return state_from_history(tx.filter(pl.col("customer_id") != tx["customer_id"][i]))
+    no_history = pl.concat([request_features(tx.row(i, named=True), None if k % 2 else others(i), risk)
+                            for k, i in enumerate(cold)])
+    return {"incremental": (inc, list(range(tx.height))), "request": (req, held),
+            "request, no history": (no_history, cold)}
+
+
+@pytest.mark.parametrize("group", list(FEATURE_GROUPS))
+def test_family_parity(group: str, batch: pl.DataFrame, modes: dict) -> None:
+    "Every family the spec generates: incremental = request = batch, for customers with and without history."
+    feats = FEATURE_GROUPS[group]
+    varied = [f for f in feats if batch[f].drop_nulls().n_unique() > 1]
+    assert varied == feats, f"{group}: constant or all-null on the test data (the check would be vacuous): " \
+        f"{sorted(set(feats) - set(varied))}"
+    assert len(modes["request, no history"][1]) == 12  # every customer's first transaction
+    for mode, (got, rows) in modes.items():
+        try:
+            assert_same_features(got, batch[rows], features=feats)
+        except AssertionError as e:
+            raise AssertionError(f"{mode} != batch: {e}") from None
 
 
 def test_state_outside_window(tx: pl.DataFrame, risk: pl.DataFrame, batch: pl.DataFrame) -> None:
@@ -251,9 +309,9 @@ def test_labels_within_delay_never_change_merchant_risk(tx: pl.DataFrame) -> Non
     m = tx["merchant"][0]
     lo, hi = day - timedelta(days=delay + 7), day - timedelta(days=delay)
     win = tx.filter(pl.col("merchant") == m, pl.col("ts").dt.date() >= lo, pl.col("ts").dt.date() < hi)
-    row = base.filter(pl.col("merchant") == m, pl.col("day") == day)
-    assert row["merchant_n_7d"].item() == win.height
-    assert row["merchant_fraud_rate_7d"].item() == pytest.approx((win["is_fraud"].sum() + 0.1) / (win.height + 20))
+    row = base.filter(pl.col("entity") == "merchant", pl.col("key") == m, pl.col("day") == day)
+    assert row["n_7d"].item() == win.height
+    assert row["fraud_rate_7d"].item() == pytest.approx((win["is_fraud"].sum() + 0.1) / (win.height + 20))
 
 
 @st.composite
@@ -267,7 +325,7 @@ def histories(draw: st.DrawFn) -> tuple[pl.DataFrame, list[int]]:
         "trans_num": [f"t{i:03d}" for i in draw(st.permutations(range(n)))],
         "ts": [T0 + timedelta(seconds=s) for _, s, _, _ in rows], "customer_id": [c for c, _, _, _ in rows],
         "merchant": [m for *_, m in rows], "category": [CATEGORIES[int(m[1])] for *_, m in rows],
-        "amt": [a / 100 for _, _, a, _ in rows], "gender": "F", "lat": 40.0, "long": -74.0, "city_pop": 10,
+        "amt": [a / 100 for _, _, a, _ in rows], "gender": "F", "zip": 10001, "lat": 40.0, "long": -74.0, "city_pop": 10,
         "dob": datetime(1980, 1, 1).date(), "merch_lat": [40.0 + int(m[1]) for *_, m in rows], "merch_long": -74.0})
     df = df.cast({c: t for c, t in clean_schema().items() if c in df.columns}).sort("ts", "trans_num")
     cuts = sorted(set(draw(st.lists(st.integers(1, n), max_size=4))) | {n})
