@@ -58,7 +58,7 @@ def feature_frames(source: str, seed: int) -> tuple[pl.DataFrame, pl.DataFrame, 
 def request_latency(scorer, clean: tuple[pl.DataFrame, pl.DataFrame], n: int = 1000) -> dict:
     "features + model + reasons for one transaction, as the API does it: request_row(tx, state row, risk rows)."
     from fraud_detection.evaluate import time_calls
-    from fraud_detection.features import merchant_risk_table, request_row, state_from_history
+    from fraud_detection.features import merchant_risk_table, request_row, risk_keys, state_from_history
     train_tx, test_tx = clean
     state = state_from_history(train_tx)
     risk = merchant_risk_table(pl.concat([train_tx, test_tx]), label_delay_days=7)
@@ -66,9 +66,9 @@ def request_latency(scorer, clean: tuple[pl.DataFrame, pl.DataFrame], n: int = 1
     reqs = []
     for tx in txs.iter_rows(named=True):
         st = state.filter(pl.col("customer_id") == tx["customer_id"])
+        keys = [(pl.col("entity") == e) & (pl.col("key") == k) for e, k in risk_keys(tx).items() if k is not None]
         reqs.append((tx, st.row(0, named=True) if st.height else None,
-                     risk.filter((pl.col("merchant") == tx["merchant"]) & (pl.col("day") <= tx["ts"].date()))
-                     .tail(1).to_dicts()))
+                     risk.filter(pl.any_horizontal(keys) & (pl.col("day") <= tx["ts"].date())).to_dicts()))
     feats = time_calls(lambda i: request_row(*reqs[i % len(reqs)]), n)
     both = time_calls(lambda i: scorer.score_row(request_row(*reqs[i % len(reqs)])), n)
     return {"features": feats, "features_model_reasons": both}

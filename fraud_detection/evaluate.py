@@ -256,7 +256,8 @@ def write_report(models: dict[str, Scorer],  # name -> model; the first is the s
     report = {"created_at": datetime.now().astimezone().isoformat(timespec="seconds"),
               "test": {"rows": test.height, "positives": int(y.sum()),
                        **({"start": str(test["ts"].min()), "end": str(test["ts"].max())} if "ts" in test.columns else {})},
-              "models": {name: {"version": m.version, "features": len(m.features), "thresholds": m.thresholds,
+              "models": {name: {"version": m.version, "features": len(m.features), "trees": m.meta.get("trees"),
+                                "thresholds": m.thresholds,
                                 "metrics": metrics(y, scored[name][1], m.thresholds, **info),
                                 "calibration": calibration_table(y, scored[name][1])}
                          for name, m in models.items()},

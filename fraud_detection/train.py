@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import polars as pl
 
 from . import registry
 from .core import get_settings
-from .evaluate import evaluate_scorer, report_text, summary_table, write_report
-from .features import BASELINE_FEATURES, FEATURES, REFERENCE_FEATURES, batch_features, merchant_risk_table
+from .evaluate import ablation, evaluate_scorer, plot_ablation, report_text, summary_table, write_report
+from fraud_detection.features import (
+    BASELINE_FEATURES, FEATURE_GROUPS, FEATURES, REFERENCE_FEATURES, batch_features, merchant_risk_table,
+)
 from .model import DEFAULT_GRID, LABEL, Scorer, time_split, train_model
 
 # %% auto #0
@@ -113,6 +115,7 @@ def train_pipeline(clean_dir: Path | None = None,  # clean train/test parquet fo
                    margin: float = 0.0,  # PR-AUC margin by which a new model must beat the champion
                    label_delay_days: int | None = None,  # merchant-risk label delay (default: settings)
                    nthread: int = 2,  # training threads
+                   ablation_days: float | None = None,  # feature-group ablation on the last N training days (None: skip)
                    register: bool = True,  # register and gate (False: train and report only)
                    registry_root: Path | None = None,  # default: settings.data/registry
                    reports_dir: Path | None = None,  # default: settings.data/reports
@@ -130,9 +133,9 @@ def train_pipeline(clean_dir: Path | None = None,  # clean train/test parquet fo
     train_f, test_f = build_datasets(train_tx, test_tx, label_delay_days)
     t = lap("features", t0)
     tr, va = time_split(train_f, valid_frac=valid_frac, valid_days=valid_days, train_days=train_days)
+    stop = {} if early_stopping_rounds is None else {"early_stopping_rounds": early_stopping_rounds}
     kw = dict(params=params, grid=grid, num_boost_round=num_boost_round, tolerance=tolerance,
-              review_budget=review_budget, decline_precision=decline_precision, nthread=nthread,
-              **({} if early_stopping_rounds is None else {"early_stopping_rounds": early_stopping_rounds}))
+              review_budget=review_budget, decline_precision=decline_precision, nthread=nthread, **stop)
     trained = {}
     for name, feats in (("full", FEATURES), ("reference", REFERENCE_FEATURES), ("transaction_only", BASELINE_FEATURES)):
         trained[name] = train_model(tr, va, feats, **kw)
@@ -168,7 +171,14 @@ def train_pipeline(clean_dir: Path | None = None,  # clean train/test parquet fo
     report = write_report(models, test_f, out, extra={
         "gate": decision, "timings": timings, "search": full.meta["search"], "windows": {
             "train": full.meta["train"], "valid": full.meta["valid"], "test": full.meta["test"]}})
-    lap("report", t)
+    t = lap("report", t)
+    if ablation_days is not None:  # each FEATURE_GROUPS family dropped in turn, the full model's chosen parameters
+        rows = ablation(tr.filter(pl.col("ts") >= tr["ts"].max() - timedelta(days=ablation_days)), va, FEATURES,
+                        FEATURE_GROUPS, params=(params or {}) | full.meta["search"][full.meta["chosen"]]["params"],
+                        num_boost_round=num_boost_round, nthread=nthread, **stop)
+        report["ablation"] = {"train_days": ablation_days, "metric": "valid_pr_auc", "rows": rows}
+        plot_ablation(rows).savefig(out / "ablation.png", dpi=90)
+        lap("ablation", t)
     timings["total"] = round(time.perf_counter() - t0, 2)
     report["timings"] = timings
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))  # again, with the report's own time

@@ -142,6 +142,7 @@ def test_reference_model_serves_like_a_full_one(trained, clean, tmp_path):
         REFERENCE_FEATURES,
         incremental_features,
         request_row,
+        risk_keys,
         state_from_history,
     )
     res, _ = trained
@@ -158,7 +159,8 @@ def test_reference_model_serves_like_a_full_one(trained, clean, tmp_path):
     assert scored.height == 50 and scored["model_version"].unique().to_list() == [v]
     row = tx.row(0, named=True)  # the API's path: one row from the state and risk rows
     st = state.filter(pl.col("customer_id") == row["customer_id"])
-    rk = risk.filter((pl.col("merchant") == row["merchant"]) & (pl.col("day") <= row["ts"].date())).tail(1).to_dicts()
+    keys = [(pl.col("entity") == e) & (pl.col("key") == k) for e, k in risk_keys(row).items() if k is not None]
+    rk = risk.filter(pl.any_horizontal(keys) & (pl.col("day") <= row["ts"].date())).to_dicts()
     one = sc.score_row(request_row(row, st.row(0, named=True) if st.height else None, rk))
     same = scored.filter(pl.col("trans_num") == row["trans_num"])["fraud_probability"][0]
     assert abs(one["fraud_probability"] - same) < 1e-9 and one["reasons"]
