@@ -136,8 +136,12 @@ def train_pipeline(clean_dir: Path | None = None,  # clean train/test parquet fo
     stop = {} if early_stopping_rounds is None else {"early_stopping_rounds": early_stopping_rounds}
     kw = dict(params=params, grid=grid, num_boost_round=num_boost_round, tolerance=tolerance,
               review_budget=review_budget, decline_precision=decline_precision, nthread=nthread, **stop)
-    trained = {}
-    for name, feats in (("full", FEATURES), ("reference", REFERENCE_FEATURES), ("transaction_only", BASELINE_FEATURES)):
+    trained = {"full": train_model(tr, va, FEATURES, **kw)}
+    t = lap("train_full", t)
+    # the bars: the same procedure with the hyperparameters the full model's search chose (no second search)
+    kw |= {"params": (params or {}) | trained["full"].meta["search"][trained["full"].meta["chosen"]]["params"],
+           "grid": None}
+    for name, feats in (("reference", REFERENCE_FEATURES), ("transaction_only", BASELINE_FEATURES)):
         trained[name] = train_model(tr, va, feats, **kw)
         t = lap(f"train_{name}", t)
     full, ref, base = trained.values()
