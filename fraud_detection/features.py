@@ -30,7 +30,7 @@ __all__ = ['WINDOWS', 'STATE_HORIZON', 'LIST_WINDOWS', 'RISK_WINDOWS', 'RISK_WIN
 WINDOWS: dict[str, timedelta] = {"10m": timedelta(minutes=10), "1h": timedelta(hours=1),
                                  "24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 STATE_HORIZON: timedelta = max(WINDOWS.values())  # the state keeps transactions this recent
-LIST_WINDOWS: tuple[str, ...] = ("10m", "1h", "24h")  # windows short enough for aggregates of the values themselves
+LIST_WINDOWS: tuple[str, ...] = ("10m", "1h")  # windows short enough for aggregates of the values themselves
 RISK_WINDOWS: dict[str, int] = {"1d": 1, "7d": 7, "30d": 30}  # label-risk windows in days, each ending a delay ago
 RISK_WINDOWS_DAYS: tuple[int, ...] = tuple(RISK_WINDOWS.values())
 PARTITIONS: dict[str, tuple[str, ...]] = {  # customer-keyed entities → the columns splitting a customer's history
@@ -189,8 +189,9 @@ def _needs() -> tuple[list[tuple[str, str]], list[str], list[str]]:
                 since.append(f.entity)
             sums += [(f.entity, w) for w in f.windows if w != "all" and a in ("count", "sum", "mean", "vs_mean", "z")]
         lists += [w for w in f.windows if w != "all" and set(f.aggs) & set(LIST_AGGREGATES)]
-    sums += [("customer", w) for w in lists]  # the list aggregates read the window's count
-    return list(dict.fromkeys(sums)), [w for w in LIST_WINDOWS if w in lists], list(dict.fromkeys(since))
+    sums += [("customer", w) for e, w in sums + [("", w) for w in lists]]  # partitions and lists read it
+    sums = sorted(set(sums), key=lambda ew: (list(PARTITIONS).index(ew[0]), list(WINDOWS).index(ew[1])))
+    return sums, [w for w in LIST_WINDOWS if w in lists], list(dict.fromkeys(since))
 
 
 _SUMS, _LISTS, _SINCE = _needs()
@@ -247,22 +248,45 @@ def _stages(grouped: bool,  # rows of several customers (partition by customer) 
     ts = pl.col("ts")
     history = [
         *(prior_sum(c).alias(f"_{t}") for t, c in _TOTALS.items()),
-        *(prior_sum("amt", PARTITIONS[e]).alias(f"_cs{_PREFIX[e]}") for e in dict.fromkeys(e for e, _ in _SUMS)),
-        *(over(ts.search_sorted(ts - WINDOWS[w], side="right").cast(pl.Int64), PARTITIONS[e])
-          .alias(f"_j{_PREFIX[e]}{w}") for e, w in _SUMS),
+        prior_sum("amt").alias("_cs"),
+        *(over(ts.search_sorted(ts - WINDOWS[w], side="right").cast(pl.Int64)).alias(f"_j{w}") for w in _CUST),
         *(over(pl.col(c).shift(1)).alias(f"_p{c}") for c in ("ts", "merch_lat", "merch_long")),
-        *(over(ts.shift(1), PARTITIONS[e]).alias(f"_pts{_PREFIX[e]}") for e in _SINCE),
         *((pl.col(f"_in_{seen}") | ~(pl.struct(_C, c) if grouped else pl.col(c)).is_first_distinct())
           .alias(f"_seen_{c}") for c, seen in (("merchant", "merchants"), ("category", "categories"))),
     ]
     pos = pl.int_range(pl.len(), dtype=pl.Int64)
-    velocity = []
-    for e, w in _SUMS:
-        p = _PREFIX[e]
-        cs, j = pl.col(f"_cs{p}"), pl.col(f"_j{p}{w}")
-        velocity += [over(pos - j, PARTITIONS[e]).alias(f"_n_{p}{w}"), over(cs - cs.gather(j), PARTITIONS[e])
-                     .alias(f"_s_{p}{w}")]
+    cs = pl.col("_cs")
+    velocity = [e for w in _CUST for e in (over(pos - pl.col(f"_j{w}")).alias(f"_n_{w}"),
+                                           over(cs - cs.gather(pl.col(f"_j{w}"))).alias(f"_s_{w}"))]
     return history, velocity, [exprs(stage) for stage in _ON_NEW]
+
+
+_CUST = [w for e, w in _SUMS if e == "customer"]  # windows of the customer's own counts and sums
+
+# %% ../nbs/10_features.ipynb #a1f0c013
+def _with_partitions(rows: pl.DataFrame,  # history rows after the velocity stage, in order (customer, ts, trans_num)
+                     ) -> pl.DataFrame:
+    "Add the customer × category / merchant window counts, sums and previous times (`_SUMS`, `_SINCE`)."
+    n, out = rows.height, [rows.with_columns(_g=pl.int_range(pl.len(), dtype=pl.Int64))]
+    for e in dict.fromkeys([*(e for e, _ in _SUMS if PARTITIONS[e]), *_SINCE]):
+        x, p = PARTITIONS[e][0], _PREFIX[e]
+        wins = [w for f, w in _SUMS if f == e]
+        # each (customer, x) partition in order: rows of one customer stay in `_g` order (a stable sort)
+        q = out[0].select("_g", _C, x, "ts", "amt", *(f"_n_{w}" for w in wins)).sort(_C, x, maintain_order=True)
+        first = pl.col(_C).ne_missing(pl.col(_C).shift(1)) | pl.col(x).ne_missing(pl.col(x).shift(1))
+        q = q.with_columns(_first=first, _pos=pl.int_range(pl.len(), dtype=pl.Int64)) \
+            .with_columns(_key=pl.col("_first").cum_sum().cast(pl.Int64) * n + pl.col("_g"),
+                          _cs=pl.col("amt").cum_sum() - pl.col("amt"))
+        # the window of a row in its partition: the partition's rows from the first row of the customer's window on
+        # (`_g - _n_{w}`); `_key` = partition number * n + `_g` increases strictly, so one global binary search
+        key, cs = pl.col("_key"), pl.col("_cs")
+        starts = {w: key.search_sorted(key - pl.col(f"_n_{w}"), side="left").cast(pl.Int64) for w in wins}
+        since = [pl.when(~pl.col("_first")).then(pl.col("ts").shift(1)).alias(f"_pts{p}")] if e in _SINCE else []
+        q = q.select("_g", *since,
+                     *(e for w in wins for e in ((pl.col("_pos") - starts[w]).alias(f"_n_{p}{w}"),
+                                                  (cs - cs.gather(starts[w])).alias(f"_s_{p}{w}"))))
+        out.append(q.sort("_g").drop("_g"))
+    return pl.concat(out, how="horizontal")
 
 
 def _with_lists(lf: pl.LazyFrame,  # history rows after the velocity stage, in order
@@ -273,7 +297,7 @@ def _with_lists(lf: pl.LazyFrame,  # history rows after the velocity stage, in o
     if not _LISTS:
         return new
     big = _LISTS[-1]  # the longest: its prior rows are the `_n_{big}` rows just before the new row
-    lf = lf.with_columns(_g=pl.int_range(pl.len(), dtype=pl.Int64))
+    lf = lf.with_columns(_g=pl.int_range(pl.len(), dtype=pl.Int64))  # its position (`_with_partitions`' too)
     new = (lf.tail(1) if after_state else lf.filter("_new"))
     hist = lf.select(_k="_g", _kts="ts", _kamt="amt", _km="merchant")
     ex = new.select("_g", "ts", _k=pl.int_ranges(pl.col("_g") - pl.col(f"_n_{big}"), "_g")).explode("_k") \
@@ -424,7 +448,7 @@ def _features(st: pl.DataFrame,  # state rows of the transactions' customers (or
     if rows is not None:
         lf = rows.lazy()
     history, velocity, on_new = _stages(tx.height > 1 and tx[_C].n_unique() > 1)
-    lf = _with_lists(lf.with_columns(history).with_columns(velocity), after_state)
+    lf = _with_lists(_with_partitions(_collect(lf.with_columns(history).with_columns(velocity))).lazy(), after_state)
     if not after_state:
         lf = lf.sort("_i")  # the new rows, in tx's order
     for stage in on_new:
