@@ -11,7 +11,14 @@ Figures (medians over `--runs`; noisy on a shared machine):
 - `Scorer.score` latency for 1 row (with and without reasons) and 1000 rows, against the floor measured in
   the same run: a bare `booster.inplace_predict` of one row (ratio). Target: 1-row p99 ≤ 2 ms.
 
+- with `--stopping`: why early stopping ends where it does. One model (depth 6) is trained for `--rounds`
+  trees with validation PR-AUC and log-loss recorded every round, once with the old setting (positives
+  weighted by negatives/positives) and once with the default (unweighted); printed: where each stopping rule
+  (PR-AUC or log-loss, patience 30/50/100) would stop and the test PR-AUC there, test PR-AUC by tree count,
+  and the validation PR-AUC's bootstrap standard deviation against its round-to-round changes.
+
 Usage: python bench/bench_train.py [--source simulated|synthetic] [--runs 1] [--grid default|single]
+       python bench/bench_train.py --stopping [--rounds 500] [--eta 0.1]
 """
 from __future__ import annotations
 
@@ -58,7 +65,7 @@ def feature_frames(source: str, seed: int) -> tuple[pl.DataFrame, pl.DataFrame, 
 def request_latency(scorer, clean: tuple[pl.DataFrame, pl.DataFrame], n: int = 1000) -> dict:
     "features + model + reasons for one transaction, as the API does it: request_row(tx, state row, risk rows)."
     from fraud_detection.evaluate import time_calls
-    from fraud_detection.features import merchant_risk_table, request_row, state_from_history
+    from fraud_detection.features import merchant_risk_table, request_row, risk_keys, state_from_history
     train_tx, test_tx = clean
     state = state_from_history(train_tx)
     risk = merchant_risk_table(pl.concat([train_tx, test_tx]), label_delay_days=7)
@@ -66,9 +73,9 @@ def request_latency(scorer, clean: tuple[pl.DataFrame, pl.DataFrame], n: int = 1
     reqs = []
     for tx in txs.iter_rows(named=True):
         st = state.filter(pl.col("customer_id") == tx["customer_id"])
+        keys = [(pl.col("entity") == e) & (pl.col("key") == k) for e, k in risk_keys(tx).items() if k is not None]
         reqs.append((tx, st.row(0, named=True) if st.height else None,
-                     risk.filter((pl.col("merchant") == tx["merchant"]) & (pl.col("day") <= tx["ts"].date()))
-                     .tail(1).to_dicts()))
+                     risk.filter(pl.any_horizontal(keys) & (pl.col("day") <= tx["ts"].date())).to_dicts()))
     feats = time_calls(lambda i: request_row(*reqs[i % len(reqs)]), n)
     both = time_calls(lambda i: scorer.score_row(request_row(*reqs[i % len(reqs)])), n)
     return {"features": feats, "features_model_reasons": both}
@@ -91,12 +98,68 @@ def train_and_evaluate(train_f, test_f, features, baseline_features, grid, out: 
             "full": full, "report": report}
 
 
+def _stop_at(curve, patience: int, higher: bool) -> int:
+    "Trees kept by early stopping on `curve` with `patience` (XGBoost's rule: the best round so far)."
+    best, at = None, 0
+    for i, v in enumerate(curve):
+        if best is None or (v > best if higher else v < best):
+            best, at = v, i
+        elif i - at >= patience:
+            break
+    return at + 1
+
+
+def stopping_study(train_f, test_f, features: list[str], eta: float, rounds: int) -> None:
+    "Print where each stopping rule ends, weighted vs unweighted, with test PR-AUC there (see the module doc)."
+    import numpy as np
+    import xgboost as xgb
+    from sklearn.metrics import average_precision_score as ap
+
+    from fraud_detection.model import DEFAULT_PARAMS, time_split, to_matrix
+    tr, va = time_split(train_f, valid_frac=0.2)
+    ytr, yva, yte = (d["is_fraud"].to_numpy() for d in (tr, va, test_f))
+    print(f"stopping study: train {len(tr):,} rows ({ytr.sum():,} fraud), valid {len(va):,} ({yva.sum():,}), "
+          f"test {len(test_f):,} ({yte.sum():,}); eta {eta}, depth 6, {rounds} rounds")
+    dtr = xgb.QuantileDMatrix(to_matrix(tr, features), ytr, missing=np.nan, max_bin=256)
+    dva = xgb.QuantileDMatrix(to_matrix(va, features), yva, missing=np.nan, ref=dtr, max_bin=256)
+    Xva, Xte = to_matrix(va, features), to_matrix(test_f, features)
+    rng = np.random.default_rng(0)
+    for name, w in (("weighted (old: scale_pos_weight = neg/pos)", (ytr == 0).sum() / ytr.sum()),
+                    ("unweighted (default)", 1.0)):
+        rate = ytr.mean()
+        p = {**DEFAULT_PARAMS, "eta": eta, "scale_pos_weight": w, "base_score": w * rate / (w * rate + 1 - rate),
+             "nthread": 2, "seed": 0, "eval_metric": ["aucpr", "logloss"]}
+        ev: dict = {}
+        t = time.perf_counter()
+        b = xgb.train(p, dtr, rounds, evals=[(dva, "va")], evals_result=ev, verbose_eval=False)
+        aucpr, ll = np.array(ev["va"]["aucpr"]), np.array(ev["va"]["logloss"])
+        print(f"-- {name}: {time.perf_counter() - t:.0f} s for {rounds} trees")
+        def test_at(n: int, b=b) -> float:
+            return ap(yte, b.inplace_predict(Xte, iteration_range=(0, n)))
+        for patience in (30, 50, 100):
+            for metric, curve, higher in (("PR-AUC", aucpr, True), ("log-loss", ll, False)):
+                n = _stop_at(curve, patience, higher)
+                print(f"  stop on valid {metric:<8} patience {patience:>3}: {n:>4} trees, valid PR-AUC "
+                      f"{aucpr[n - 1]:.4f}, test PR-AUC {test_at(n):.4f}")
+        for n in (10, 25, 50, 100, 200, 300, 500, 800):
+            if n <= rounds:
+                print(f"  {n:>4} trees: valid PR-AUC {aucpr[n - 1]:.4f} log-loss {ll[n - 1]:.5f}  test PR-AUC {test_at(n):.4f}")
+        n = _stop_at(ll, 50, False)
+        pva = b.inplace_predict(Xva, iteration_range=(0, n))
+        boots = [ap(yva[i], pva[i]) for i in (rng.integers(0, len(yva), len(yva)) for _ in range(50))]
+        print(f"  valid PR-AUC noise at {n} trees: bootstrap sd {np.std(boots):.4f}; median |change| per round "
+              f"(rounds 10-100) {np.median(np.abs(np.diff(aucpr[10:100]))):.4f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", choices=["simulated", "synthetic"], default="simulated")
     ap.add_argument("--runs", type=int, default=1, help="training runs (median reported)")
     ap.add_argument("--grid", choices=["default", "single"], default="default")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--stopping", action="store_true", help="the early-stopping study instead of the timings")
+    ap.add_argument("--rounds", type=int, default=500, help="trees per model in the stopping study")
+    ap.add_argument("--eta", type=float, default=0.1, help="learning rate in the stopping study")
     args = ap.parse_args()
 
     import xgboost as xgb
@@ -109,6 +172,9 @@ def main() -> None:
           f"test {test_f.height:,} rows ({int(test_f['is_fraud'].sum()):,} fraud), {len(features)} features; "
           + ", ".join(f"{k} {v:.1f} s" for k, v in prep.items()))
 
+    if args.stopping:
+        stopping_study(train_f, test_f, features, args.eta, args.rounds)
+        return
     grid = DEFAULT_GRID if args.grid == "default" else None
     runs = []
     with tempfile.TemporaryDirectory() as d:

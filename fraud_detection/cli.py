@@ -56,13 +56,15 @@ def simulate_cmd(
     seed: Annotated[int | None, typer.Option(help="random seed (default: FRAUD_SEED)")] = None,
     fraud_rate: Annotated[float | None, typer.Option(help="share of fraud (default: FRAUD_FRAUD_RATE)")] = None,
     csv: Annotated[bool, typer.Option(help="also write Kaggle-style CSVs")] = False,
+    profile: Annotated[str, typer.Option(help="fraud scenarios: default | literature (see simulate.PROFILES)")] = "default",
 ):
     "Simulate Sparkov-schema transactions: a training period and a later test period."
-    from fraud_detection.simulate import simulate_to_files
+    from fraud_detection.simulate import PROFILES, simulate_to_files
+    if profile not in PROFILES: raise typer.BadParameter(f"unknown profile {profile!r}: choose one of {list(PROFILES)}")
     s = _init()
     paths = simulate_to_files(scale=scale, out_dir=out or s.data / "raw", seed=s.seed if seed is None else seed,
-                              fraud_rate=s.fraud_rate if fraud_rate is None else fraud_rate, csv=csv)
-    for p in paths: _console().print(f"wrote [bold]{p}[/]")
+                              fraud_rate=s.fraud_rate if fraud_rate is None else fraud_rate, csv=csv, profile=profile)
+    for p in paths: _console().print(f"wrote [bold]{p}[/] (profile {profile})")
 
 @data_app.command("ingest")
 def ingest_cmd(

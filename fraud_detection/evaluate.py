@@ -16,11 +16,12 @@ import polars as pl
 from matplotlib.figure import Figure
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from .model import LABEL, Scorer, contributions
+from .model import LABEL, Scorer, contributions, train_model
 
 # %% auto #0
-__all__ = ['PLOTS', 'metrics', 'evaluate_scorer', 'plot_pr', 'calibration_table', 'plot_calibration', 'shap_values',
-           'shap_importance', 'plot_shap_summary', 'write_report', 'summary_table', 'time_calls', 'shap_latency']
+__all__ = ['HEADLINE', 'BARS', 'PLOTS', 'card_precision_at_k', 'metrics', 'evaluate_scorer', 'plot_pr', 'calibration_table',
+           'plot_calibration', 'shap_values', 'shap_importance', 'plot_shap_summary', 'compare_models', 'report_text',
+           'plot_headline', 'write_report', 'summary_table', 'ablation', 'plot_ablation', 'time_calls', 'shap_latency']
 
 # %% ../nbs/32_evaluate.ipynb #82199049
 def _at(y: np.ndarray, flagged: np.ndarray, threshold: float | None, amt: np.ndarray | None) -> dict:
@@ -38,11 +39,27 @@ def _at(y: np.ndarray, flagged: np.ndarray, threshold: float | None, amt: np.nda
         out |= {"fraud_amount_caught": caught, "fraud_amount_share": caught / total if total else 0.0}
     return out
 
+def card_precision_at_k(cards: np.ndarray,  # card (customer_id) of each row
+                        days: np.ndarray,  # calendar day of each row
+                        y: np.ndarray,  # labels (0/1)
+                        p: np.ndarray,  # fraud scores
+                        k: int = 100,  # cards an analyst team can check per day
+                       ) -> float:
+    "Card precision@k per day (the Fraud Detection Handbook's): per day, the share of the k cards with the highest max score that had a fraud that day; mean over days."
+    per_card = pl.DataFrame({"day": days, "card": cards, "y": np.asarray(y), "p": np.asarray(p, dtype=np.float64)}) \
+        .group_by("day", "card").agg(pl.col("p").max(), pl.col("y").max())
+    top = per_card.sort("p", "card", descending=[True, False]).group_by("day", maintain_order=True).head(k)
+    hits = top.group_by("day").agg(pl.col("y").sum()).sort("day")["y"].to_numpy()  # sorted: a deterministic mean
+    return float(np.mean(hits / k))
+
 def metrics(y: np.ndarray,  # labels (0/1)
             p: np.ndarray,  # fraud probabilities
             thresholds: dict | None = None,  # {"review": t, "decline": t | None} (a model's meta)
             amt: np.ndarray | None = None,  # transaction amounts, for the fraud amount caught
             ks: tuple[int, ...] = (100, 1000),  # precision at top-k for these k
+            cards: np.ndarray | None = None,  # card (customer_id) per row, for card precision@k per day ...
+            days: np.ndarray | None = None,  # ... and the day of each row
+            card_k: int = 100,  # k of card precision@k
            ) -> dict:
     "The evaluation metrics of scores `p` against labels `y` (plain floats and ints: JSON-ready)."
     y, p = np.asarray(y).astype(np.int64), np.asarray(p, dtype=np.float64)
@@ -55,6 +72,8 @@ def metrics(y: np.ndarray,  # labels (0/1)
            "recall_at_1pct_fpr": float(tpr[fpr <= 0.01].max()),
            "precision_at_k": {str(k): float(y[order[:k]].mean()) for k in ks if k <= len(y)},
            "brier": float(np.mean((p - y) ** 2)), "expected_vs_observed": float(p.sum() / y.sum())}
+    if cards is not None and days is not None:
+        out[f"card_precision_at_{card_k}"] = card_precision_at_k(cards, days, y, p, card_k)
     if thresholds is not None:
         flag_review = p >= thresholds["review"]
         dec = thresholds.get("decline")
@@ -69,8 +88,14 @@ def evaluate_scorer(scorer: Scorer,  # model to evaluate
                     df: pl.DataFrame,  # labelled feature rows (with `amt` for amounts)
                    ) -> dict:
     "`metrics` of a model on a labelled feature frame, at the model's own thresholds."
-    amt = df["amt"].to_numpy() if "amt" in df.columns else None
-    return metrics(df[LABEL].to_numpy(), scorer.predict_proba(df), scorer.thresholds, amt)
+    return metrics(df[LABEL].to_numpy(), scorer.predict_proba(df), scorer.thresholds, **_row_info(df))
+
+def _row_info(df: pl.DataFrame) -> dict:
+    "The optional per-row inputs of `metrics` found in a feature frame: amounts, cards and days."
+    out = {"amt": df["amt"].to_numpy() if "amt" in df.columns else None}
+    if "customer_id" in df.columns and "ts" in df.columns:
+        out |= {"cards": df["customer_id"].to_numpy(), "days": df["ts"].dt.date().to_numpy()}
+    return out
 
 # %% ../nbs/32_evaluate.ipynb #8b27822d
 def plot_pr(scored: dict[str, tuple[np.ndarray, np.ndarray, dict]],  # name -> (y, p, thresholds)
@@ -168,8 +193,51 @@ def plot_shap_summary(phi: np.ndarray,  # SHAP values, rows × features
     fig.tight_layout()
     return fig
 
+# %% ../nbs/32_evaluate.ipynb #41de12b5
+HEADLINE: dict[str, str] = {"pr_auc": "PR-AUC", "roc_auc": "ROC-AUC", "recall_at_1pct_fpr": "recall at 1 % FPR",
+                            "card_precision_at_100": "card precision@100 per day"}  # metric key -> label
+BARS = ("reference", "transaction_only")  # the bars every full model is compared with, when in a report
+
+def compare_models(models: dict,  # a report's "models" (name -> {"metrics": ...})
+                   subject: str = "full",  # the model judged
+                   bar: str = "reference",  # the model it must beat
+                  ) -> dict:
+    "Per headline metric: both values, the difference, whether the subject beats the bar, in one plain sentence."
+    out = {}
+    for key, label in HEADLINE.items():
+        a, b = (models[n]["metrics"].get(key) for n in (subject, bar))
+        if a is None or b is None:
+            continue
+        d = a - b
+        verdict = "beats" if d > 0 else "ties" if d == 0 else "does NOT beat"
+        out[key] = {subject: a, bar: b, "delta": d, "beats": d > 0,
+                    "text": f"{label}: {subject} {a:.3f} vs {bar} {b:.3f}: {subject} {verdict} {bar} ({d:+.3f})"}
+    return out
+
+def report_text(report: dict) -> list[str]:
+    "The report's comparisons as plain sentences (what `fraud train`, the retrain notebook and benches print)."
+    return [r["text"] for cmp in report.get("comparisons", {}).values() for r in cmp.values()]
+
+def plot_headline(models: dict,  # a report's "models"
+                 ) -> Figure:
+    "Grouped bars: each headline metric for every model of a report."
+    fig = Figure(figsize=(9, 3.6))
+    ax = fig.subplots()
+    keys = [k for k in HEADLINE if all(k in r["metrics"] for r in models.values())]
+    w = 0.8 / max(len(models), 1)
+    for i, (name, r) in enumerate(models.items()):
+        vals = [r["metrics"][k] for k in keys]
+        bars = ax.bar(np.arange(len(keys)) + i * w, vals, w, label=name)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(np.arange(len(keys)) + w * (len(models) - 1) / 2, [HEADLINE[k] for k in keys])
+    ax.set(ylim=(0, 1.1), title="Headline metrics on the test period")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
 # %% ../nbs/32_evaluate.ipynb #812fa665
-PLOTS = {"pr_curve": "pr_curve.png", "calibration": "calibration.png", "shap_summary": "shap_summary.png"}
+PLOTS = {"pr_curve": "pr_curve.png", "calibration": "calibration.png", "shap_summary": "shap_summary.png",
+         "headline": "headline.png"}
 
 def write_report(models: dict[str, Scorer],  # name -> model; the first is the subject (e.g. full, baseline, champion)
                  test: pl.DataFrame,  # labelled test feature rows with every model's features
@@ -182,33 +250,76 @@ def write_report(models: dict[str, Scorer],  # name -> model; the first is the s
     out_dir.mkdir(parents=True, exist_ok=True)
     y = test[LABEL].to_numpy()
     scored = {name: (y, m.predict_proba(test), m.thresholds) for name, m in models.items()}
-    amt = test["amt"].to_numpy() if "amt" in test.columns else None
+    info = _row_info(test)
     subject = next(iter(models.values()))
     phi, X = shap_values(subject, test, n=shap_rows)
     report = {"created_at": datetime.now().astimezone().isoformat(timespec="seconds"),
               "test": {"rows": test.height, "positives": int(y.sum()),
                        **({"start": str(test["ts"].min()), "end": str(test["ts"].max())} if "ts" in test.columns else {})},
-              "models": {name: {"version": m.version, "features": len(m.features), "thresholds": m.thresholds,
-                                "metrics": metrics(y, scored[name][1], m.thresholds, amt),
+              "models": {name: {"version": m.version, "features": len(m.features), "trees": m.meta.get("trees"),
+                                "thresholds": m.thresholds,
+                                "metrics": metrics(y, scored[name][1], m.thresholds, **info),
                                 "calibration": calibration_table(y, scored[name][1])}
                          for name, m in models.items()},
               "shap_importance": shap_importance(phi, subject.features), "plots": PLOTS, **(extra or {})}
+    report["comparisons"] = {bar: compare_models(report["models"], next(iter(models)), bar)
+                             for bar in list(models)[1:] if bar in BARS}
     for key, fig in (("pr_curve", plot_pr(scored)), ("calibration", plot_calibration(scored)),
-                     ("shap_summary", plot_shap_summary(phi, X, subject.features))):
+                     ("shap_summary", plot_shap_summary(phi, X, subject.features)),
+                     ("headline", plot_headline(report["models"]))):
         fig.savefig(out_dir / PLOTS[key], dpi=90)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str))
     return report
 
 def summary_table(report: dict) -> pl.DataFrame:
     "The headline metrics of every model in a report, one row each."
-    return pl.DataFrame([{"model": name, "version": r["version"], "pr_auc": r["metrics"]["pr_auc"],
-                          "roc_auc": r["metrics"]["roc_auc"], "recall_at_1pct_fpr": r["metrics"]["recall_at_1pct_fpr"],
+    return pl.DataFrame([{"model": name, "version": r["version"], "features": r.get("features"),
+                          "pr_auc": r["metrics"]["pr_auc"], "roc_auc": r["metrics"]["roc_auc"],
+                          "recall_at_1pct_fpr": r["metrics"]["recall_at_1pct_fpr"],
+                          "card_precision_at_100": r["metrics"].get("card_precision_at_100"),
                           "review_precision": r["metrics"]["at_review"]["precision"],
                           "review_recall": r["metrics"]["at_review"]["recall"],
                           "decline_precision": r["metrics"]["at_decline"]["precision"],
                           "decline_recall": r["metrics"]["at_decline"]["recall"],
                           "fraud_amount_share": r["metrics"]["at_review"].get("fraud_amount_share")}
                          for name, r in report["models"].items()])
+
+# %% ../nbs/32_evaluate.ipynb #2edc9ef7
+def ablation(train: pl.DataFrame,  # training rows
+             valid: pl.DataFrame,  # later validation rows (PR-AUC is measured here)
+             features: list[str],  # the full feature list
+             groups: dict[str, list[str]],  # family name -> its features (those not in `features` are ignored)
+             **kw,  # `train_model` options (params, num_boost_round, nthread, ...); one parameter set, no grid
+            ) -> list[dict]:
+    "Validation PR-AUC with all features and with each group dropped in turn, and the change (negative: the group helps)."
+    y = valid[LABEL].to_numpy()
+    def fit(feats: list[str]) -> tuple[float, int]:
+        m = train_model(train, valid, feats, **kw)
+        return float(average_precision_score(y, m.predict_proba(valid))), m.meta["trees"]
+    full, trees = fit(features)
+    rows = [{"dropped": "(none)", "features": len(features), "valid_pr_auc": full, "delta": 0.0, "trees": trees}]
+    for name, group in groups.items():
+        keep = [f for f in features if f not in set(group)]
+        if len(keep) == len(features) or not keep:
+            continue
+        pr, trees = fit(keep)
+        rows.append({"dropped": name, "features": len(keep), "valid_pr_auc": pr, "delta": pr - full, "trees": trees})
+    return rows
+
+def plot_ablation(rows: list[dict],  # from `ablation`
+                  title: str = "Feature-group ablation",  # e.g. with the data's name
+                 ) -> Figure:
+    "Horizontal bars: validation PR-AUC change when each group is dropped (left of 0: the group helps)."
+    rows = sorted((r for r in rows if r["dropped"] != "(none)"), key=lambda r: r["delta"])
+    fig = Figure(figsize=(7, 0.35 * len(rows) + 1.3))
+    ax = fig.subplots()
+    bars = ax.barh([r["dropped"] for r in rows], [r["delta"] for r in rows],
+                   color=["C3" if r["delta"] < 0 else "C2" for r in rows])
+    ax.bar_label(bars, fmt="%+.3f", fontsize=7)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set(xlabel="validation PR-AUC change when dropped", title=title)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/32_evaluate.ipynb #c4aaa090
 def time_calls(fn: Callable[[int], object],  # called with the call index

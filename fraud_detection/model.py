@@ -23,10 +23,10 @@ import xgboost as xgb
 from .treeshap import TreeShap
 
 # %% auto #0
-__all__ = ['LABEL', 'SYNTHETIC_BASELINE', 'SYNTHETIC_FEATURES', 'DEFAULT_PARAMS', 'DEFAULT_GRID', 'DECISIONS', 'REASON_DTYPE',
-           'MODEL_FILE', 'META_FILE', 'synthetic_features', 'time_split', 'to_matrix', 'frame_fingerprint',
-           'library_versions', 'choose_thresholds', 'decide', 'contributions', 'top_reasons', 'reasons_series',
-           'Scorer', 'fit_calibration', 'train_model']
+__all__ = ['LABEL', 'SYNTHETIC_BASELINE', 'SYNTHETIC_FEATURES', 'SYNTHETIC_REFERENCE', 'DEFAULT_PARAMS', 'DEFAULT_GRID',
+           'DECISIONS', 'REASON_DTYPE', 'MODEL_FILE', 'META_FILE', 'synthetic_features', 'time_split', 'to_matrix',
+           'frame_fingerprint', 'library_versions', 'choose_thresholds', 'decide', 'contributions', 'top_reasons',
+           'reasons_series', 'Scorer', 'fit_calibration', 'train_model']
 
 # %% ../nbs/30_model.ipynb #a3b5877a
 LABEL = "is_fraud"  # the target column of every training frame
@@ -37,6 +37,8 @@ SYNTHETIC_FEATURES: list[str] = SYNTHETIC_BASELINE + [
     "n_10m", "amt_10m", "n_1h", "amt_1h", "n_24h", "amt_24h", "n_7d", "amt_7d", "n_prior", "amt_mean_prior",
     "amt_ratio", "amt_z", "secs_since_prev", "dist_prev_km", "new_merchant", "new_category", "merchant_n_30d",
     "merchant_fraud_rate_30d"]
+SYNTHETIC_REFERENCE: list[str] = ["amt", "hour", "dow", "is_night", "n_24h", "n_7d", "amt_7d", "merchant_n_30d",
+                                  "merchant_fraud_rate_30d"]  # a Handbook-like subset, for examples
 
 def synthetic_features(n: int,  # rows
                        fraud_rate: float = 0.006,  # share of positives
@@ -107,9 +109,10 @@ def time_split(df: pl.DataFrame,  # feature frame with a timestamp column
     return train, valid
 
 # %% ../nbs/30_model.ipynb #1db208a2
-DEFAULT_PARAMS: dict = {"objective": "binary:logistic", "tree_method": "hist", "eval_metric": "aucpr",
+DEFAULT_PARAMS: dict = {"objective": "binary:logistic", "tree_method": "hist", "eval_metric": ["aucpr", "logloss"],
                         "eta": 0.1, "max_depth": 6, "min_child_weight": 1.0, "subsample": 0.8,
-                        "colsample_bytree": 0.8, "lambda": 1.0, "max_bin": 256}
+                        "colsample_bytree": 0.8, "lambda": 1.0, "max_bin": 256,
+                        "scale_pos_weight": 1.0}  # unweighted: validation log-loss is then a smooth stopping signal
 DEFAULT_GRID: list[dict] = [{"max_depth": 4}, {"max_depth": 5}, {"max_depth": 6}]
 
 def to_matrix(df: pl.DataFrame,  # frame holding at least `features`
@@ -357,7 +360,7 @@ def train_model(train: pl.DataFrame,  # training rows (features + `is_fraud` + `
                 params: dict | None = None,  # overrides of `DEFAULT_PARAMS`
                 grid: list[dict] | None = None,  # parameter combinations to try on top of `params` (None: just params)
                 num_boost_round: int = 1000,  # maximum trees
-                early_stopping_rounds: int = 30,  # stop after this many rounds without validation PR-AUC gain
+                early_stopping_rounds: int = 50,  # stop after this many rounds without validation log-loss gain
                 tolerance: float = 0.01,  # validation PR-AUC within which the cheapest-to-explain combination wins
                 review_budget: float = 0.01,  # see `choose_thresholds`
                 decline_precision: float = 0.9,  # see `choose_thresholds`
@@ -369,10 +372,9 @@ def train_model(train: pl.DataFrame,  # training rows (features + `is_fraud` + `
     ytr, yva = train[LABEL].to_numpy(), valid[LABEL].to_numpy()
     if ytr.sum() == 0 or yva.sum() == 0:
         raise ValueError("train_model: training and validation both need positives")
-    spw = float((ytr == 0).sum() / ytr.sum())
-    # base_score 0.5, explicitly: the intercept of the weighted (balanced) problem
-    base = {**DEFAULT_PARAMS, **(params or {}), "scale_pos_weight": spw, "base_score": 0.5, "nthread": nthread,
-            "seed": seed}
+    base = {**DEFAULT_PARAMS, **(params or {}), "nthread": nthread, "seed": seed}
+    w, rate = float(base["scale_pos_weight"]), float(ytr.mean())
+    base["base_score"] = w * rate / (w * rate + 1 - rate)  # the intercept of the (weighted) problem, explicitly
     dtr = xgb.QuantileDMatrix(to_matrix(train, features), ytr, feature_names=features, missing=np.nan,
                               max_bin=base["max_bin"], nthread=nthread)
     dva = xgb.QuantileDMatrix(to_matrix(valid, features), yva, feature_names=features, missing=np.nan, ref=dtr,
@@ -381,11 +383,14 @@ def train_model(train: pl.DataFrame,  # training rows (features + `is_fraud` + `
     for combo in grid or [{}]:
         t = time.perf_counter()
         p = {**base, **combo}
+        ev: dict = {}
         b = xgb.train(p, dtr, num_boost_round, evals=[(dva, "valid")], early_stopping_rounds=early_stopping_rounds,
-                      verbose_eval=False)
+                      evals_result=ev, verbose_eval=False)  # stops on the last eval_metric (log-loss)
         n_trees = b.best_iteration + 1
         boosters.append(b[:n_trees])
-        search.append({"params": combo, "valid_aucpr": float(b.best_score), "trees": n_trees,
+        search.append({"params": combo, "valid_aucpr": float(ev["valid"]["aucpr"][n_trees - 1]),
+                       "valid_logloss": float(ev["valid"]["logloss"][n_trees - 1]), "trees": n_trees,
+                       "rounds_run": len(ev["valid"]["logloss"]),
                        "shap_cost": _shap_cost(n_trees, p["max_depth"]), "seconds": round(time.perf_counter() - t, 2)})
     best = max(s["valid_aucpr"] for s in search)
     pick = min((i for i, s in enumerate(search) if s["valid_aucpr"] >= best - tolerance), key=lambda i: search[i]["shap_cost"])

@@ -24,7 +24,7 @@ from .model import LABEL, Scorer, frame_fingerprint
 
 # %% auto #0
 __all__ = ['ALIASES', 'GATE_METRIC', 'registry_root', 'versions', 'aliases', 'resolve', 'read_meta', 'load', 'load_error',
-           'write_json_atomic', 'register', 'set_alias', 'promote_if_better', 'decisions']
+           'write_json_atomic', 'register', 'set_alias', 'better_of', 'promote_if_better', 'decisions']
 
 # %% ../nbs/31_registry.ipynb #072d4dc7
 ALIASES = ("champion", "challenger")
@@ -156,10 +156,25 @@ def _holdout_info(holdout: pl.DataFrame) -> dict:
         info |= {"start": str(holdout["ts"].min()), "end": str(holdout["ts"].max())}
     return info | {"fingerprint": frame_fingerprint(holdout.select(sorted(holdout.columns)))}
 
+def better_of(models: dict[str, Scorer],  # name -> trained model, e.g. full and reference
+                holdout: pl.DataFrame,  # recent labelled feature rows with every model's features
+                prefer: str = "full",  # kept unless another model scores higher on the hold-out
+               ) -> tuple[str, dict]:
+    "The model to register: `prefer`, unless another has a higher hold-out PR-AUC; and why (a record for the gate)."
+    y = holdout[LABEL].to_numpy()
+    scores = {n: float(average_precision_score(y, m.predict_proba(holdout))) for n, m in models.items()}
+    best = max(scores, key=lambda n: (scores[n], n == prefer))
+    others = ", ".join(f"{n} {s:.4f}" for n, s in scores.items() if n != prefer)
+    reason = (f"{prefer} {GATE_METRIC} {scores[prefer]:.4f} on the hold-out, not below {others}" if best == prefer else
+              f"{best} {GATE_METRIC} {scores[best]:.4f} beats {prefer} {scores[prefer]:.4f} on the hold-out: "
+              f"{best} is the candidate, so what serves is never worse than the public baseline")
+    return best, {"chosen": best, "preferred": prefer, "scores": scores, "reason": reason}
+
 def promote_if_better(version: str,  # the candidate (registered)
                       holdout: pl.DataFrame,  # recent labelled feature rows with every feature of both models
                       margin: float = 0.0,  # the candidate must beat the champion's PR-AUC by more than this
                       root: Path | None = None,  # registry folder (default: settings)
+                      choice: dict | None = None,  # how the candidate was chosen (from `better_of`), kept in the record
                      ) -> dict:
     "Gate: the candidate becomes champion if its hold-out PR-AUC > champion's + margin, else challenger."
     r = registry_root(root)
@@ -168,7 +183,8 @@ def promote_if_better(version: str,  # the candidate (registered)
         raise ValueError("promote_if_better: the hold-out has no positives, PR-AUC is undefined")
     cand = load(version, r)
     rec = {"version": version, "metric": GATE_METRIC, "margin": margin, "holdout": _holdout_info(holdout),
-           "candidate_score": float(average_precision_score(y, cand.predict_proba(holdout)))}
+           "candidate_score": float(average_precision_score(y, cand.predict_proba(holdout))),
+           **({"candidate_choice": choice} if choice is not None else {})}
     with _locked(r):
         al = aliases(r)
         champ = al["champion"]

@@ -19,9 +19,10 @@ from .core import CATEGORIES, DOB_FORMAT, RAW_COLUMNS, RAW_TIME_FORMAT, get_sett
 
 # %% auto #0
 __all__ = ['SCALES', 'CATEGORY_PROFILE', 'ONLINE', 'HOUR_WEIGHTS', 'NIGHT_HOURS', 'DOW_FACTOR', 'MONTH_FACTOR', 'SCENARIOS',
-           'SCENARIO_SHARES', 'RAW_SCHEMA', 'Scale', 'resolve_scale', 'Customers', 'make_customers', 'Merchants',
-           'make_merchants', 'Tx', 'legit_transactions', 'account_takeover', 'card_testing', 'compromised_merchant',
-           'far_from_home', 'simulate', 'simulate_to_files']
+           'SCENARIO_SHARES', 'PROFILES', 'RAW_SCHEMA', 'Scale', 'resolve_scale', 'Customers', 'make_customers',
+           'Merchants', 'make_merchants', 'Tx', 'legit_transactions', 'profile_shares', 'account_takeover',
+           'card_testing', 'compromised_merchant', 'far_from_home', 'point_of_compromise', 'gift_card_spree',
+           'low_and_slow', 'merchant_turns_bad', 'simulate', 'simulate_to_files']
 
 # %% ../nbs/01_simulate.ipynb #34a302d8
 @dataclass(frozen=True)
@@ -385,9 +386,28 @@ SCENARIOS: dict[str, str] = {
     "compromised_merchant": "an in-person merchant leaks cards for 2-6 weeks: its customers are charged "
                             "extra at that same merchant hours after their visit",
     "far_from_home": "a cloned card used in person hundreds of km from home (1-5 purchases within a day), "
-                     "while the customer keeps shopping at home"}
+                     "while the customer keeps shopping at home",
+    # the `literature` profile (designed apart from the four above; see "A second profile" below)
+    "point_of_compromise": "cards skimmed at a few in-person merchants during 2-7 days are used elsewhere "
+                           "(other merchants, often another region) 2-20 days later: 1-5 high purchases within hours",
+    "gift_card_spree": "4-15 in-person purchases of gift-card denominations ($25-500 + a fee) at different "
+                       "merchants within about an hour, daytime",
+    "low_and_slow": "a recurring charge of one fixed small amount ($5-40) at one of a few fraudulent online "
+                    "merchants, every 3-31 days for 3-12 cycles, billed mostly in the small hours",
+    "merchant_turns_bad": "a merchant (any category) turns bad for 1-3 weeks: most of its transactions "
+                          "in the window are fraudulent, its amounts inflated 1.2-2.5x"}
 SCENARIO_SHARES: dict[str, float] = {"account_takeover": 0.35, "card_testing": 0.25,
                                      "compromised_merchant": 0.2, "far_from_home": 0.2}
+PROFILES: dict[str, dict[str, float]] = {  # profile name -> share of each scenario in the fraud budget
+    "default": SCENARIO_SHARES,
+    "literature": {"point_of_compromise": 0.3, "gift_card_spree": 0.2, "low_and_slow": 0.2,
+                   "merchant_turns_bad": 0.3}}
+
+def profile_shares(profile: str) -> dict[str, float]:
+    "The scenario shares of a profile (a clear error for an unknown name)."
+    if profile not in PROFILES:
+        raise ValueError(f"profile: expected one of {list(PROFILES)}, got {profile!r}")
+    return PROFILES[profile]
 
 # %% ../nbs/01_simulate.ipynb #f55a812c
 _SC = {s: np.int8(i + 1) for i, s in enumerate(SCENARIOS)}
@@ -471,38 +491,43 @@ def card_testing(cu: Customers, me: Merchants, budget: float, lo: int, hi: int, 
 _POS_CATS = [_C[c] for c in ("gas_transport", "grocery_pos", "food_dining", "misc_pos", "shopping_pos",
                              "health_fitness", "personal_care", "entertainment")]
 
-def compromised_merchant(legit: Tx, cu: Customers, me: Merchants, budget: float, lo: int, hi: int,
-                         rng: np.random.Generator) -> Tx:
-    "Extra charges at compromised in-person merchants, hours after their customers' legit visits."
-    hi = max(lo + 86400, hi - 3 * 86400)  # leave room for the delayed charge inside the period
-    key = legit.merch.astype(np.int64) << 32 | (legit.t - lo)  # legit rows are inside [lo, hi + 3 days)
+def _merchant_windows(legit: Tx, lo: int, hi: int, pool: np.ndarray, days: tuple[int, int], per_row: float,
+                      budget: float, rng: np.random.Generator) -> np.ndarray:
+    "Indices of `legit` rows (all inside the period) in random (merchant of pool, window) draws whose rows × per_row reach budget."
+    key = legit.merch.astype(np.int64) << 32 | (legit.t - lo)
     order = np.argsort(key, kind="stable")
     key = key[order]
-    pos_merch = np.flatnonzero(np.isin(me.cat, _POS_CATS))
     n_cand = 16
-    while True:  # draw candidate windows until their legit traffic can carry the budget at ≤ 40 % hit rate
-        m = pos_merch[rng.integers(0, len(pos_merch), n_cand)]
-        length = np.minimum(rng.integers(14, 43, n_cand) * 86400, hi - lo)
+    while True:  # draw candidate windows until their legit traffic can carry the budget
+        m = pool[rng.integers(0, len(pool), n_cand)]
+        length = np.minimum(rng.integers(*days, n_cand) * 86400, hi - lo)
         s = lo + (rng.random(n_cand) * (hi - lo - length)).astype(np.int64)
         a = np.searchsorted(key, m.astype(np.int64) << 32 | (s - lo))
         b = np.searchsorted(key, m.astype(np.int64) << 32 | (s + length - lo))
-        enough = np.cumsum(b - a) * 0.4 >= budget
+        enough = np.cumsum(b - a) * per_row >= budget
         if enough.any() or n_cand >= 1 << 14:
             break
         n_cand *= 4
     w = int(np.argmax(enough)) + 1 if enough.any() else n_cand
     a, b = a[:w], b[:w]
-    rows = np.unique(order[np.repeat(a - np.cumsum(b - a) + (b - a), b - a) + np.arange((b - a).sum())])
-    if len(rows) == 0:
-        return legit.take(np.array([], np.int64))
-    hit = rows[rng.random(len(rows)) < min(1.0, budget / len(rows))]
-    if len(hit) == 0:
-        hit = rows[rng.integers(0, len(rows), 1)]
-    f = legit.take(hit)
+    return np.unique(order[np.repeat(a - np.cumsum(b - a) + (b - a), b - a) + np.arange((b - a).sum())])
+
+def _hits(rng: np.random.Generator, rows: np.ndarray, budget: float) -> np.ndarray:
+    "A random share of rows that spends budget (at least one row when there are rows)."
+    hit = rows[rng.random(len(rows)) < min(1.0, budget / max(len(rows), 1))]
+    return rows[rng.integers(0, len(rows), 1)] if len(hit) == 0 and len(rows) else hit
+
+def compromised_merchant(legit: Tx, cu: Customers, me: Merchants, budget: float, lo: int, hi: int,
+                         rng: np.random.Generator) -> Tx:
+    "Extra charges at compromised in-person merchants, hours after their customers' legit visits."
+    hi = max(lo + 86400, hi - 3 * 86400)  # leave room for the delayed charge inside the period
+    rows = _merchant_windows(legit, lo, hi, np.flatnonzero(np.isin(me.cat, _POS_CATS)), (14, 43), 0.4, budget, rng)
+    f = legit.take(_hits(rng, rows, budget))
     f.t = f.t + 600 + rng.exponential(6 * 3600, len(f)).astype(np.int64)
     f.amt = _amount(rng, f.cat, cu.level[f.cust] + rng.normal(0.8, 0.4, len(f)), len(f))
     f.scen = np.full(len(f), _SC["compromised_merchant"])
     return f
+
 
 # %% ../nbs/01_simulate.ipynb #f0eeb4b6
 _FAR_CATS, _FAR_P = [_C[c] for c in ("shopping_pos", "gas_transport", "misc_pos", "grocery_pos", "food_dining",
@@ -525,6 +550,92 @@ def far_from_home(cu: Customers, me: Merchants, budget: float, lo: int, hi: int,
     amt = _amount(rng, cat, cu.level[cust] + np.where(ordinary, 0.0, rng.normal(0.9, 0.4, n)), n)
     mlat, mlong = _branch(cust, merch, flat[ep], flong[ep], 0.5, salt)
     return Tx(cust, t, merch, cat, amt, mlat, mlong, np.full(n, _SC["far_from_home"]))
+
+# %% ../nbs/01_simulate.ipynb #ac3526b8
+_POC_CATS, _POC_P = [_C[c] for c in ("shopping_pos", "misc_pos", "gas_transport", "grocery_pos", "shopping_net")], \
+    [0.35, 0.2, 0.15, 0.15, 0.15]
+
+def point_of_compromise(legit: Tx, cu: Customers, me: Merchants, budget: float, lo: int, hi: int,
+                        rng: np.random.Generator, salt: int) -> Tx:
+    "Cards skimmed at a few in-person merchants, used at other merchants 2-20 days later."
+    delay = int(np.clip((hi - lo) // 86400 // 2, 3, 21))  # uses 2..delay-1 days later, inside the period
+    end = max(lo + 86400, hi - delay * 86400)
+    rows = _merchant_windows(legit, lo, end, np.flatnonzero(np.isin(me.cat, _POS_CATS)), (2, 8), 0.25,  # ≈ rows per visit
+                             budget, rng)
+    first = np.unique(legit.cust[rows].astype(np.int64) << 32 | legit.merch[rows], return_index=True)[1]  # first visit per card and merchant
+    visit = rows[first][rng.random(len(first)) < 0.5]  # skimmed cards
+    if len(visit) == 0:
+        visit = rows[first][:1]
+    visit = visit[rng.permutation(len(visit))]
+    sizes = np.minimum(rng.geometric(0.5, len(visit)), 5)
+    k = _n_episodes(sizes, budget)
+    sizes, v = sizes[:k], legit.cust[visit[:k]]
+    start = legit.t[visit[:k]] + rng.integers(2, delay, k) * 86400
+    start = start - start % 86400 + _hour_day(rng, k) * 3600 + rng.integers(0, 3600, k)
+    far = rng.random(k) < 0.5
+    flat, flong = _far_points(rng, cu.lat[v], cu.long[v])
+    ep, pos = _expand(sizes)
+    t = _times(start, ep, pos, rng.exponential(40 * 60, len(ep)).astype(np.int64))
+    cust, n = v[ep], len(ep)
+    cat = np.array(_POC_CATS)[_pick(rng, _POC_CATS, n, p=_POC_P)]
+    merch = me.first[cat] + (rng.random(n) * me.count[cat]).astype(np.int64)
+    amt = _amount(rng, cat, cu.level[cust] + rng.normal(1.0, 0.5, n), n)
+    mlat, mlong = _branch(cust, merch, np.where(far, flat, cu.lat[v])[ep], np.where(far, flong, cu.long[v])[ep],
+                          0.7, salt)
+    return Tx(cust, t, merch, cat, amt, mlat, mlong, np.full(n, _SC["point_of_compromise"]))
+
+# %% ../nbs/01_simulate.ipynb #6d9064ae
+_GIFT_CATS, _GIFT_P = [_C[c] for c in ("grocery_pos", "shopping_pos", "misc_pos", "gas_transport")], [0.35, 0.35, 0.2, 0.1]
+_GIFT_VALUES = np.array([25.0, 50.0, 100.0, 200.0, 250.0, 500.0])
+
+def gift_card_spree(cu: Customers, me: Merchants, budget: float, lo: int, hi: int, t0: int, span: int,
+                    rng: np.random.Generator, salt: int) -> Tx:
+    "4-15 gift-card purchases at different in-person merchants within about an hour."
+    sizes = np.minimum(3 + rng.geometric(0.2, int(budget) + 2), 15)
+    sizes = sizes[: _n_episodes(sizes, budget)]
+    v, start = _victims(rng, cu, len(sizes), lo, hi, t0, span)
+    start = start - start % 86400 + rng.integers(9, 20, len(v)) * 3600 + rng.integers(0, 3600, len(v))
+    far = rng.random(len(v)) < 0.4
+    flat, flong = _far_points(rng, cu.lat[v], cu.long[v])
+    ep, pos = _expand(sizes)
+    t = _times(start, ep, pos, rng.integers(90, 8 * 60, len(ep)))
+    cust, n = v[ep], len(ep)
+    cat = np.array(_GIFT_CATS)[_pick(rng, _GIFT_CATS, n, p=_GIFT_P)]
+    merch = me.first[cat] + (rng.random(n) * me.count[cat]).astype(np.int64)
+    amt = _GIFT_VALUES[_pick(rng, _GIFT_VALUES, n, p=[0.1, 0.25, 0.3, 0.15, 0.1, 0.1])] + rng.choice([3.95, 4.95, 5.95, 6.95], n)
+    mlat, mlong = _branch(cust, merch, np.where(far, flat, cu.lat[v])[ep], np.where(far, flong, cu.long[v])[ep],
+                          0.3, salt)
+    return Tx(cust, t, merch, cat, amt, mlat, mlong, np.full(n, _SC["gift_card_spree"]))
+
+# %% ../nbs/01_simulate.ipynb #667cee5d
+_SLOW_CATS = [_C["misc_net"], _C["shopping_net"], _C["health_fitness"]]
+
+def low_and_slow(cu: Customers, me: Merchants, budget: float, lo: int, hi: int, t0: int, span: int,
+                 rng: np.random.Generator, salt: int) -> Tx:
+    "Small fixed recurring charges at a few fraudulent online merchants, every 3-31 days."
+    sizes = np.minimum(2 + rng.geometric(0.25, int(budget) + 2), 12)
+    k = _n_episodes(sizes, budget)
+    sizes = sizes[:k]
+    pool = np.flatnonzero(np.isin(me.cat, _SLOW_CATS))
+    bad = pool[rng.choice(len(pool), size=min(len(pool), 2 + k // 40), replace=False)]
+    v, start = _victims(rng, cu, k, lo, max(lo + 2 * 86400, hi - 60 * 86400), t0, span)
+    period = rng.choice([3, 7, 14, 30, 31], k, p=[0.1, 0.3, 0.2, 0.2, 0.2]) * 86400
+    night = rng.random(k) < 0.7
+    start = start - start % 86400 + np.where(night, rng.integers(1, 5, k), _hour_day(rng, k)) * 3600
+    ep, pos = _expand(sizes)
+    t = _times(start, ep, pos, period[ep] + rng.integers(0, 1800, len(ep)))
+    cust, n = v[ep], len(ep)
+    merch = bad[rng.integers(0, len(bad), k)][ep]
+    amt = (rng.integers(4, 40, k) + 0.99)[ep]
+    mlat, mlong = _branch(cust, merch, cu.lat[cust], cu.long[cust], 1.0, salt)
+    return Tx(cust, t, merch, me.cat[merch], amt, mlat, mlong, np.full(n, _SC["low_and_slow"]))
+
+# %% ../nbs/01_simulate.ipynb #a458d838
+def merchant_turns_bad(legit: Tx, me: Merchants, budget: float, lo: int, hi: int,
+                       rng: np.random.Generator) -> np.ndarray:
+    "Indices of `legit` rows relabelled as fraud: ≈70 % of the traffic of a few merchants during 1-3 weeks."
+    rows = _merchant_windows(legit, lo, hi, np.arange(len(me.cat)), (7, 22), 0.7, budget, rng)
+    return _hits(rng, rows, budget)
 
 # %% ../nbs/01_simulate.ipynb #f0b128b8
 RAW_SCHEMA: dict[str, type[pl.DataType]] = {
@@ -551,9 +662,32 @@ def _frame(tx: Tx, cu: Customers, me: Merchants, trans_num: pl.Series, scenarios
         df = df.with_columns(scenario=pl.Series(["legit", *SCENARIOS])[tx.scen.astype(np.int64)])
     return df
 
+def _fraud(profile: str, legit: Tx, cu: Customers, me: Merchants, total: float, lo: int, hi: int, t0: int,
+           span: int, rng: np.random.Generator, salt: int) -> list[Tx]:
+    "The fraud rows of one period for a profile (merchant_turns_bad relabels `legit` rows in place)."
+    b = {s: total * share for s, share in profile_shares(profile).items()}
+    period = np.flatnonzero((legit.t >= lo) & (legit.t < hi))
+    inside = legit.take(period)
+    parts = []
+    for s in b:  # in the profile's order: the same draws for the same seed
+        if s == "compromised_merchant":
+            parts.append(compromised_merchant(inside, cu, me, b[s], lo, hi, rng))
+        elif s == "point_of_compromise":
+            parts.append(point_of_compromise(inside, cu, me, b[s], lo, hi, rng, salt))
+        elif s == "merchant_turns_bad":
+            g = period[merchant_turns_bad(inside, me, b[s], lo, hi, rng)]
+            legit.scen[g] = _SC[s]
+            legit.amt[g] = np.round(legit.amt[g] * rng.uniform(1.2, 2.5, len(g)), 2)
+        else:
+            fn = {"account_takeover": account_takeover, "card_testing": card_testing, "far_from_home": far_from_home,
+                  "gift_card_spree": gift_card_spree, "low_and_slow": low_and_slow}[s]
+            parts.append(fn(cu, me, b[s], lo, hi, t0, span, rng, salt))
+    return parts
+
 def _simulate(scale: str | int | Scale, seed: int, fraud_rate: float, scenarios: bool,
-              step: Callable[[str], None]) -> tuple[pl.DataFrame, pl.DataFrame]:
+              step: Callable[[str], None], profile: str = "default") -> tuple[pl.DataFrame, pl.DataFrame]:
     "simulate, reporting progress through step(description)."
+    profile_shares(profile)  # fail before any work on an unknown profile
     if not 0 < fraud_rate < 0.5:
         raise ValueError(f"fraud_rate must be in (0, 0.5), got {fraud_rate}")
     sc = resolve_scale(scale)
@@ -569,12 +703,7 @@ def _simulate(scale: str | int | Scale, seed: int, fraud_rate: float, scenarios:
         step(f"fraud in the {'training' if i == 0 else 'test'} period")
         rg = r[3 + i]
         total = fraud_rate / (1 - fraud_rate) * ((legit.t >= lo) & (legit.t < hi)).sum()
-        b = {s: total * SCENARIO_SHARES[s] for s in SCENARIOS}
-        parts += [account_takeover(cu, me, b["account_takeover"], lo, hi, t0, span, rg, salt),
-                  card_testing(cu, me, b["card_testing"], lo, hi, t0, span, rg, salt),
-                  compromised_merchant(legit.take(np.flatnonzero((legit.t >= lo) & (legit.t < hi))), cu, me,
-                                       b["compromised_merchant"], lo, hi, rg),
-                  far_from_home(cu, me, b["far_from_home"], lo, hi, t0, span, rg, salt)]
+        parts += _fraud(profile, legit, cu, me, total, lo, hi, t0, span, rg, salt)
     step("ordering and transaction ids")
     tx = Tx.concat(parts)
     del parts, legit  # free memory before the frames are built
@@ -593,9 +722,10 @@ def simulate(
     seed: int = 42,  # same seed → identical frames
     fraud_rate: float = 0.005,  # share of fraudulent rows in each period
     scenarios: bool = False,  # add a `scenario` column (legit or a SCENARIOS name); never written to files
+    profile: str = "default",  # fraud scenarios and their shares: a name in PROFILES
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     "Simulated (train, test) transactions in the raw Sparkov schema, each sorted by time."
-    return _simulate(scale, seed, fraud_rate, scenarios, lambda _: None)
+    return _simulate(scale, seed, fraud_rate, scenarios, lambda _: None, profile)
 
 # %% ../nbs/01_simulate.ipynb #e4ab70fc
 def _write_kaggle_csv(df: pl.DataFrame, path: Path) -> None:
@@ -611,6 +741,7 @@ def simulate_to_files(
     fraud_rate: float = 0.005,  # share of fraudulent rows in each period
     csv: bool = False,  # also write fraudTrain.csv / fraudTest.csv in the Kaggle layout
     progress: bool | None = None,  # show a progress bar (default: for full or numeric scales)
+    profile: str = "default",  # fraud scenarios and their shares: a name in PROFILES
 ) -> list[Path]:
     "Simulate and write out_dir/{train,test}.parquet (and Kaggle-layout CSVs); returns the paths written."
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -622,7 +753,7 @@ def simulate_to_files(
         task = bar.add_task("", total=_N_STEPS + 1 + 2 * csv)
         step = lambda what: bar.update(task, advance=1, description=what)  # noqa: E731
         bar.update(task, description="starting")
-        train, test = _simulate(scale, seed, fraud_rate, False, step)
+        train, test = _simulate(scale, seed, fraud_rate, False, step, profile)
         step("writing parquet")
         paths = [out / "train.parquet", out / "test.parquet"]
         train.write_parquet(paths[0])

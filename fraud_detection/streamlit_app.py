@@ -332,6 +332,8 @@ def _report_section() -> None:
     summ = rep["summary"]
     st.dataframe(summ, hide_index=True, width="stretch", column_config={
         c: st.column_config.NumberColumn(c.replace("_", " "), format="%.3f") for c in summ.columns if summ.schema[c].is_float()})
+    from fraud_detection.evaluate import report_text  # full vs reference / transaction-only, per metric, in words
+    st.markdown("\n".join(f"- {line}" for line in report_text(m)))
     if rep["decisions"]:
         st.caption("Promotion gate, latest first: " + "; ".join(
             f"{d['version']} → **{d['decision']}** ({d.get('reason', '')})" for d in rep["decisions"]))

@@ -111,13 +111,59 @@ def test_loaded_model_reproduces_stored_test_metrics(trained, datasets):
     loaded = registry.load(res.version, root)
     stored = registry.read_meta(res.version, root)["metrics"]["test"]
     assert evaluate_scorer(loaded, test_f) == stored  # exactly: same floats
-    assert loaded.features == FEATURES and loaded.thresholds == res.model.thresholds
+    served = res.model if res.served == "full" else res.reference
+    assert loaded.features == served.features and loaded.thresholds == served.thresholds
 
 
 def test_full_model_beats_transaction_only_baseline(trained):
     res, _ = trained
     m = res.report["models"]
-    assert m["full"]["metrics"]["pr_auc"] > m["baseline"]["metrics"]["pr_auc"]
+    assert list(m) == ["full", "reference", "transaction_only"]
+    assert m["full"]["metrics"]["pr_auc"] > m["transaction_only"]["metrics"]["pr_auc"]
+    cmp = res.report["comparisons"]["reference"]
+    assert set(cmp) == {"pr_auc", "roc_auc", "recall_at_1pct_fpr", "card_precision_at_100"}
+    assert all(("full beats reference" in c["text"]) == c["beats"] for c in cmp.values())
+    assert "card precision@100" in res.text() and res.decision["candidate_choice"]["chosen"] == res.served
+
+
+def test_gate_serves_the_reference_when_it_is_better(trained, datasets, tmp_path):
+    "A full model worse than the reference on the hold-out is not registered: the reference is, and says why."
+    res, _ = trained
+    tr_f, test_f = datasets
+    tr, va = time_split(tr_f, valid_frac=0.2)
+    weak = train_model(tr, va, ["gender_m", "city_pop"], **{k: v for k, v in QUICK.items() if k != "grid"})
+    name, why = registry.better_of({"full": weak, "reference": res.reference}, test_f)
+    assert name == "reference" and "never worse than the public baseline" in why["reason"]
+
+
+def test_reference_model_serves_like_a_full_one(trained, clean, tmp_path):
+    "A registered reference-feature model scores through the API's one-row path and the worker's batch path."
+    from fraud_detection.features import (
+        REFERENCE_FEATURES,
+        incremental_features,
+        request_row,
+        risk_keys,
+        state_from_history,
+    )
+    res, _ = trained
+    ctrain, ctest = clean
+    root = tmp_path / "registry"
+    v = registry.register(res.reference, root=root)
+    sc = registry.load(v, root)
+    assert sc.features == REFERENCE_FEATURES
+    tx = ctest.head(50)
+    state = state_from_history(ctrain)
+    risk = merchant_risk_table(pl.concat([ctrain, ctest]), label_delay_days=DELAY)
+    batch, _ = incremental_features(state, tx, risk)  # the worker's path
+    scored = sc.score(batch, explain="flagged")
+    assert scored.height == 50 and scored["model_version"].unique().to_list() == [v]
+    row = tx.row(0, named=True)  # the API's path: one row from the state and risk rows
+    st = state.filter(pl.col("customer_id") == row["customer_id"])
+    keys = [(pl.col("entity") == e) & (pl.col("key") == k) for e, k in risk_keys(row).items() if k is not None]
+    rk = risk.filter(pl.any_horizontal(keys) & (pl.col("day") <= row["ts"].date())).to_dicts()
+    one = sc.score_row(request_row(row, st.row(0, named=True) if st.height else None, rk))
+    same = scored.filter(pl.col("trans_num") == row["trans_num"])["fraud_probability"][0]
+    assert abs(one["fraud_probability"] - same) < 1e-9 and one["reasons"]
 
 
 # --- explanations ----------------------------------------------------------------------------------------
@@ -203,4 +249,5 @@ def test_retrain_notebook_runs_on_demo_data(fraud_home):
     reg = fraud_home / "data" / "registry"
     assert registry.aliases(reg)["champion"] == "v0001"
     report = json.loads((fraud_home / "data" / "reports" / "v0001" / "report.json").read_text())
-    assert report["gate"]["decision"] == "promoted" and set(report["models"]) == {"full", "baseline"}
+    assert report["gate"]["decision"] == "promoted"
+    assert set(report["models"]) == {"full", "reference", "transaction_only"} and "reference" in report["comparisons"]
