@@ -197,6 +197,12 @@ def train_cmd(
     al = registry.aliases()
     _console().print(f"trained in {rec.seconds:.0f} s; champion [bold]{al['champion']}[/], challenger {al['challenger']}\n"
                      f"executed notebook: [bold]{rec.output}[/]; reports under {s.data / 'reports'}")
+    if reports := sorted((s.data / "reports").glob("*/report.json"), key=lambda p: p.stat().st_mtime):
+        import json
+
+        from fraud_detection.evaluate import report_text
+        for line in report_text(json.loads(reports[-1].read_text())):  # full vs reference vs transaction-only
+            _console().print(f"  {line}", soft_wrap=True)
 
 @app.command("serve")
 def serve_cmd(
