@@ -84,9 +84,8 @@ class WorkerCollector(Collector):
         yield _counter(w + "batches", "micro-batches processed", st.batches)
         yield _counter(w + "commits_refused", "offset commits refused by a rebalance (batch redone elsewhere)",
                        st.commits_refused)
-        reasons = getattr(st, "dlq_by_reason", None) or {"stale": st.stale, "invalid": st.dlq - st.stale}
         dlq = CounterMetricFamily(w + "dead_lettered", "messages sent to transactions.dlq, by reason", labels=["reason"])
-        for reason, n in sorted(reasons.items()): dlq.add_metric([reason], n)
+        for reason, n in sorted(st.dlq_reasons.items()): dlq.add_metric([reason], n)
         yield dlq
         yield _counter(w + "batch_seconds", "wall time spent processing batches", st.seconds)
         steps = CounterMetricFamily(w + "step_seconds", "wall time per processing step", labels=["step"])
@@ -103,24 +102,25 @@ class WorkerCollector(Collector):
         yield from self._optional(st, w)
 
     def _optional(self, st, w: str) -> Iterator[Metric]:
-        "Lag, model versions, dependency outages: when the worker provides them."
+        "Lag and model versions (from the callables), dependency outages and model reload failures."
         lag = _safe(self.lag)
         if lag is not None:
             g = GaugeMetricFamily(w + "consumer_lag", "messages behind the high watermark", labels=["partition"])
             for p, n in sorted(lag.items() if isinstance(lag, dict) else [("all", lag)]): g.add_metric([str(p)], n)
             yield g
-        models = _safe(self.models) or getattr(st, "model_versions", None)
+        models = _safe(self.models) or {"champion": st.model_version}
         if models:
             g = GaugeMetricFamily(w + "model_info", "1 per model the worker scores with", labels=["role", "version"])
             for role, v in sorted(models.items()):
                 if v: g.add_metric([role, str(v)], 1)
             yield g
-        outages = getattr(st, "outages", None)
-        if outages is not None:
-            c = CounterMetricFamily(w + "dependency_outages", "outages of a dependency (store, database, broker)",
-                                    labels=["dependency"])
-            for dep, n in sorted(outages.items()): c.add_metric([dep], n)
-            yield c
+        yield _counter(w + "dependency_outages", "spells of failed batch attempts (database, store or broker down)",
+                       st.outages)
+        yield _counter(w + "dependency_outage_seconds", "wall time of those spells, backing off included",
+                       st.outage_seconds)
+        yield _counter(w + "retries", "failed attempts at a batch, each retried", st.retries)
+        yield GaugeMetricFamily(w + "model_reload_failing", "1 while the last champion reload failed (old model kept)",
+                                int(st.model_error is not None))
 
 # %% ../nbs/70_metrics.ipynb #b0f0595c
 def serve_worker_metrics(stats, # the worker's live WorkerStats

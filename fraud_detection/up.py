@@ -182,7 +182,7 @@ def plan_services(settings=None, rate: float = 50.0, limit: int | None = None,
     s = settings or get_settings()
     produce = ["stream", "produce", "--rate", str(rate)] + (["--limit", str(limit)] if limit else [])
     plan = [Service("broker", fraud_cmd("stream", "broker"), port=s.broker_port) if s.embedded_broker else None,
-            Service("worker", fraud_cmd("stream", "work")),
+            Service("worker", fraud_cmd("stream", "work"), port=s.worker_metrics_port or None),  # its exporter
             Service("api", fraud_cmd("serve"), port=s.api_port),
             Service("app", fraud_cmd("app"), port=s.app_port),
             Service("scheduler", fraud_cmd("schedule"), port=s.scheduler_metrics_port or None),  # its exporter

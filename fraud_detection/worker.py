@@ -659,6 +659,7 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
     producer = Producer(producer_config(s.bootstrap_servers, **quiet))
     worker = StreamWorker(consumer, producer, store, engine, models, MerchantRisk(s.data / MERCHANT_RISK_OFFLINE),
                           explain=explain, worker_id=wid, crash_after=_crash_after(), stats=st)
+    exporter = _serve_metrics(s, worker, models)
     handlers = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -700,6 +701,8 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
+        if exporter is not None:
+            exporter.shutdown()
         consumer.close()  # leave the group: partitions move to the other members now
         producer.flush(10)
         worker.consumer = worker.producer = None  # free the clients now (callbacks make a reference cycle)
@@ -710,6 +713,21 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
                 log.warning("%s: last worker_stats row not written: %s", wid, e)
     log.info("%s: stopped: %s", wid, json.dumps(st.summary()))
     return st
+
+def _serve_metrics(s: Settings, worker: StreamWorker, models: Models):
+    "The worker's Prometheus exporter on `s.worker_metrics_port` (0: none), or None if the port is taken."
+    if not s.worker_metrics_port:
+        return None
+    from fraud_detection.metrics import serve_worker_metrics
+    try:
+        return serve_worker_metrics(
+            worker.stats, s.worker_metrics_port,
+            lag=lambda: _lag(worker.consumer) if worker.consumer is not None else None,
+            models=lambda: {"champion": models.champion.version,
+                            "challenger": models.challenger.version if models.challenger else None})[0]
+    except OSError as e:  # a busy port (e.g. a second worker on this host) must not stop the stream
+        log.error("%s: no metrics exporter on port %s: %s", worker.stats.worker_id, s.worker_metrics_port, e)
+        return None
 
 def _refresh_models(models: Models, st: WorkerStats) -> None:
     "Load a newly promoted champion/challenger; a failed load keeps the models (logged once per new error)."

@@ -54,7 +54,8 @@ def _env(root: Path, ports: dict[str, int]) -> dict[str, str]:
     return env
 
 
-LISTENING = ("FRAUD_BROKER_PORT", "FRAUD_API_PORT", "FRAUD_APP_PORT", "FRAUD_SCHEDULER_METRICS_PORT")
+LISTENING = ("FRAUD_BROKER_PORT", "FRAUD_API_PORT", "FRAUD_APP_PORT", "FRAUD_SCHEDULER_METRICS_PORT",
+             "FRAUD_WORKER_METRICS_PORT")
 
 
 def _ports() -> dict[str, int]:
