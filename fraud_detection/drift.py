@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from .features import RISK_ENTITIES, RISK_WINDOWS, feature_name
+
 # %% auto #0
 __all__ = ['PSI_BANDS', 'NOT_MONITORED', 'CALENDAR_PERIODS', 'FLAGGED', 'SEGMENT_BY', 'SEGMENT_FEATURE', 'REFERENCE_FILE', 'psi',
            'drift_report', 'retrain_needed', 'monitor_plan', 'decision_rate_test', 'DriftConfig', 'assess',
@@ -90,10 +92,11 @@ def retrain_needed(report: pl.DataFrame, # from drift_report
 # %% ../nbs/61_drift.ipynb #1be75dcc
 NOT_MONITORED: dict[str, str] = {  # model inputs that move by construction, and why
     "n_prior": "lifetime count: grows with every customer's history, so it drifts by construction",
-    "merchant_n_30d": "merchant volume: scales with traffic on the platform (growth, season), not with fraud; "
-                      "its effect on the model is watched through the score distribution"}
+    **{feature_name(e, "count", w): f"{e} volume: scales with traffic on the platform (growth, season), not with "
+                                    "fraud; its effect on the model is watched through the score distribution"
+       for e in RISK_ENTITIES for w in RISK_WINDOWS}}
 CALENDAR_PERIODS: dict[str, timedelta] = {  # calendar fields: comparable only over windows spanning their period
-    "dow": timedelta(days=7), "hour": timedelta(days=1), "is_night": timedelta(days=1)}
+    "dow": timedelta(days=7), "is_weekend": timedelta(days=7), "hour": timedelta(days=1), "is_night": timedelta(days=1)}
 
 def monitor_plan(features: Sequence[str], # model inputs
                  span: timedelta | None, # event-time span of the recent window (None: unknown)
