@@ -73,10 +73,21 @@ def test_spark_features_equal_polars(spark_set, demo, tmp_path):
     want = pl.read_parquet(tmp_path / "polars" / "*.parquet").sort("ts", "trans_num").select(got.columns)
     assert got.height == want.height == sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in demo)
     assert_frame_equal(got, want)
+    assert set(FEATURES) <= set(got.columns)  # all 78 features, entity risk of merchant, category and zip included
     from fraud_detection.features import merchant_risk_table
     everything = pl.concat([pl.read_parquet(p) for p in demo])
     unbucketed = batch_features(everything, merchant_risk_table(everything, DELAY))
     assert_frame_equal(got.drop("split"), unbucketed.select([c for c in got.columns if c != "split"]))
+
+
+def test_spark_risk_table_equals_polars(spark, demo):
+    "Daily counts from Spark's groupBy, windows by features.risk_from_daily: merchant_risk_table bit for bit."
+    from fraud_detection.features import RISK_ENTITIES, merchant_risk_table
+    from fraud_detection.spark import read_clean, spark_merchant_risk
+    everything = pl.concat([pl.read_parquet(p) for p in demo])
+    got = spark_merchant_risk(read_clean(spark, demo), DELAY)
+    assert got.equals(merchant_risk_table(everything, DELAY))
+    assert got["entity"].unique(maintain_order=True).to_list() == list(RISK_ENTITIES)
 
 
 def test_spark_trained_model_in_api(spark, spark_set, tmp_path):
