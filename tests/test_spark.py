@@ -168,3 +168,40 @@ def test_spark_build_batch_features_equals_polars(spark, demo, tmp_path):
     state = [pl.read_parquet(tmp_path / n / STATE_OFFLINE / "*" / "part-*.parquet").drop("event_timestamp")
              .sort("customer_id") for n in ("polars", "spark")]
     assert_frame_equal(state[1], state[0])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_scheduled_notebooks_on_spark(demo, tmp_path):
+    "scheduled/batch_features.ipynb and retrain.ipynb with a Spark master: the cluster computes; same outputs."
+    import shutil
+    import subprocess
+    import sys
+
+    from fraud_detection.feature_store import MERCHANT_RISK_OFFLINE, STATE_OFFLINE, read_offline_merchant_risk
+    from fraud_detection.registry import load
+    from fraud_detection.spark import LocalCluster
+    home = Path(__file__).resolve().parents[1]
+
+    def run(nb: str, data: Path, *params: str, env: dict | None = None) -> str:
+        out = tmp_path / f"{nb}-{data.name}.ipynb"
+        subprocess.run([sys.executable, "-m", "papermill", str(home / "scheduled" / f"{nb}.ipynb"), str(out),
+                        "-p", "data_dir", str(data), *params, "--cwd", str(home / "scheduled")],
+                       check=True, capture_output=True, timeout=900, env=env)
+        return out.read_text()
+    for name in ("polars", "spark"):
+        shutil.copytree(demo[0].parent, tmp_path / name / "clean")
+    build = ("-p", "label_delay_days", str(DELAY), "-p", "push_online", "False")
+    run("batch_features", tmp_path / "polars", *build)
+    with LocalCluster(2, cores=1, memory="1g", work_dir=tmp_path / "cluster") as c:  # its own: the module's is busy
+        text = run("batch_features", tmp_path / "spark", *build, "-p", "spark_master", c.master_url)
+        assert "engine: spark (spark://127.0.0.1" in text
+        text = run("retrain", tmp_path / "spark", "-p", "num_boost_round", "40", "-p", "grid", "None",
+                   env={**os.environ, "FRAUD_SPARK_MASTER": c.master_url})  # engine "auto": Spark when it is set
+    assert "engine: spark on spark://127.0.0.1" in text and "PROMOTED" in text
+    assert "SparkXGBClassifier" in load("champion", tmp_path / "spark" / "registry").meta["training"]
+    risk = [read_offline_merchant_risk(tmp_path / n / MERCHANT_RISK_OFFLINE) for n in ("polars", "spark")]
+    assert_frame_equal(risk[1], risk[0])
+    state = [pl.read_parquet(tmp_path / n / STATE_OFFLINE / "*" / "part-*.parquet").drop("event_timestamp")
+             .sort("customer_id") for n in ("polars", "spark")]
+    assert_frame_equal(state[1], state[0])
