@@ -108,7 +108,7 @@ class LocalCluster:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.ui_port}/json/", timeout=2) as r:
                 return int(json.load(r).get("aliveworkers", 0))
-        except OSError:
+        except (OSError, ValueError):  # not listening yet, or a starting master's empty or partial page
             return 0
 
     def start(self, timeout_s: float = 180) -> LocalCluster:
