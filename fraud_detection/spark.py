@@ -121,11 +121,14 @@ class LocalCluster:
                         "--cores", str(self.cores), "--memory", self.memory, "--webui-port", str(_free_port()),
                         "--work-dir", str(self.work_dir / f"worker-{i}"))
         deadline = time.monotonic() + timeout_s
-        while self.alive_workers() < self.n_workers:
-            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
-                self.stop()
-                raise TimeoutError(f"Spark cluster did not come up; logs in {self.work_dir}")
-            time.sleep(0.5)
+        try:
+            while self.alive_workers() < self.n_workers:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                    raise TimeoutError(f"Spark cluster did not come up; logs in {self.work_dir}")
+                time.sleep(0.5)
+        except BaseException:  # never leave the JVMs behind (a failed start is not exited by `with`)
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
