@@ -5,7 +5,7 @@ For each size, simulated raw data (the simulator's full calendar, ≈1,830 trans
 each stage in a fresh subprocess, reporting wall time and the process's peak RSS:
 
 - single machine (bounded memory, `fraud_detection.partitioned`): `ingest` (chunked, streaming stitch),
-  `features` (what `fraud features build` computes: merchant risk from daily counts + customer state, bucket by
+  `features` (what `fraud features build` computes: entity risk from daily counts + customer state, bucket by
   bucket), `training_set` (`build_training_set`: every transaction's features in customer buckets) and, with
   `--train`, `train` (XGBoost external memory over the bucket files);
 - baseline, measured in the same run up to `--baseline-max` rows: the in-memory path (ingest in one chunk;
@@ -87,15 +87,15 @@ def stage_ingest(work: Path, in_memory: bool) -> dict:
 
 
 def stage_features(work: Path) -> dict:
-    "Merchant risk + customer state as of the end of training (what `fraud features build` computes), bucketed."
+    "Entity risk + customer state as of the end of training (what `fraud features build` computes), bucketed."
     import polars as pl
 
+    from fraud_detection.features import risk_from_daily
     from fraud_detection.partitioned import (
         bucketed_state,
         daily_counts,
         n_buckets,
         partition_clean,
-        risk_from_daily,
         scan_clean,
     )
     sources = [work / "clean" / "train.parquet", work / "clean" / "test.parquet"]
@@ -105,7 +105,7 @@ def stage_features(work: Path) -> dict:
     parts = partition_clean([sources[0]], work / "state-parts", n_buckets(rows))
     state = bucketed_state(parts, before=as_of + __import__("datetime").timedelta(microseconds=1))
     (work / "features").mkdir(exist_ok=True)
-    risk.write_parquet(work / "features" / "merchant_risk.parquet")
+    risk.write_parquet(work / "features" / "entity_risk.parquet")
     state.write_parquet(work / "features" / "customer_state.parquet")
     shutil.rmtree(work / "state-parts")
     return {"rows": rows, "customers": state.height, "risk_rows": risk.height}

@@ -22,9 +22,10 @@ __all__ = ['WINDOWS', 'STATE_HORIZON', 'LIST_WINDOWS', 'RISK_WINDOWS', 'RISK_WIN
            'AGGREGATES', 'LIST_AGGREGATES', 'TX_FEATURES', 'SPEC', 'FEATURE_GROUPS', 'FEATURES', 'VELOCITY_FEATURES',
            'HISTORY_FEATURES', 'MERCHANT_FEATURES', 'RISK_FEATURES', 'BASELINE_FEATURES', 'REFERENCE_FEATURES',
            'FEATURE_SCHEMA', 'REQUIRED_COLUMNS', 'STATE_SCHEMA', 'EARTH_RADIUS_KM', 'RISK_SCHEMA', 'RISK_PRIOR_RATE',
-           'RISK_PSEUDO_COUNT', 'risk_table', 'feature_name', 'Family', 'empty_state', 'haversine_km',
-           'merchant_risk_table', 'merchant_risk_slice', 'risk_keys', 'batch_features', 'state_from_history',
-           'merge_state', 'incremental_features', 'request_row', 'request_features', 'assert_same_features']
+           'RISK_PSEUDO_COUNT', 'RISK_DAILY_SCHEMA', 'risk_table', 'feature_name', 'Family', 'empty_state',
+           'haversine_km', 'daily_risk_counts', 'risk_from_daily', 'merchant_risk_table', 'merchant_risk_slice',
+           'risk_keys', 'batch_features', 'state_from_history', 'merge_state', 'incremental_features', 'request_row',
+           'request_features', 'assert_same_features']
 
 # %% ../nbs/10_features.ipynb #684e3070
 WINDOWS: dict[str, timedelta] = {"10m": timedelta(minutes=10), "1h": timedelta(hours=1),
@@ -367,14 +368,29 @@ def _risk_key(e: str) -> pl.Expr:
     return pl.col(e).cast(pl.String)
 
 
-def _entity_risk(tx: pl.DataFrame, e: str, label_delay_days: int) -> pl.LazyFrame:
-    "Per (key of entity `e`, day) and window w: count and smoothed fraud rate in [day - delay - w, day - delay)."
-    daily = tx.lazy().filter(pl.col(e).is_not_null()).group_by(key=_risk_key(e), day=pl.col("ts").dt.date()).agg(
-        _n=pl.len().cast(pl.Int64), _f=pl.col("is_fraud").cast(pl.Int64).sum())
-    lo, hi = tx.select(lo=pl.col("ts").min().dt.date(), hi=pl.col("ts").max().dt.date()).row(0)
+RISK_DAILY_SCHEMA: dict[str, pl.DataType] = {  # counts per (risk entity, key, day): what the windows read
+    "entity": pl.String(), "key": pl.String(), "day": pl.Date(), "n": pl.Int64(), "f": pl.Int64()}
+
+
+def daily_risk_counts(tx: pl.DataFrame | pl.LazyFrame,  # labelled clean transactions (ts, is_fraud, entity columns)
+                      ) -> pl.LazyFrame:
+    "Transactions `n` and frauds `f` per (risk entity, key, day), lazily; a null key is kept (its day counts)."
+    lf = tx.lazy()
+    return pl.concat([lf.group_by(key=_risk_key(e), day=pl.col("ts").dt.date()).agg(
+        n=pl.len().cast(pl.Int64), f=pl.col("is_fraud").cast(pl.Int64).sum()).select(
+        entity=pl.lit(e), key="key", day="day", n="n", f="f") for e in RISK_ENTITIES])
+
+
+# %% ../nbs/10_features.ipynb #b280c19a
+def risk_from_daily(daily: pl.DataFrame | pl.LazyFrame,  # `RISK_DAILY_SCHEMA` rows (repeated rows are summed)
+                    label_delay_days: int,  # labels arrive this many days after the transaction
+                    ) -> pl.DataFrame:
+    "The entity-risk table (`RISK_SCHEMA`) from daily counts: each `RISK_WINDOWS` window ending the delay before."
+    daily = daily.lazy().group_by("entity", "key", "day").agg(_n=pl.col("n").sum(), _f=pl.col("f").sum())
+    lo, hi = daily.select(lo=pl.col("day").min(), hi=pl.col("day").max()).collect().row(0)
+    if lo is None:
+        return pl.DataFrame(schema=RISK_SCHEMA)
     days = pl.LazyFrame({"day": pl.date_range(lo, hi + timedelta(days=1), eager=True)})
-    grid = tx.lazy().select(_risk_key(e).unique().drop_nulls().alias("key")).join(days, how="cross") \
-        .join(daily, on=["key", "day"], how="left").sort("key", "day")
 
     def looked_back(c: str, d: int) -> pl.Expr:  # sum over the dates [day - delay - d, day - delay - 1]
         return pl.col(c).fill_null(0).rolling_sum(d, min_samples=1).shift(label_delay_days + 1).over("key").fill_null(0)
@@ -382,16 +398,20 @@ def _entity_risk(tx: pl.DataFrame, e: str, label_delay_days: int) -> pl.LazyFram
     for w, d in RISK_WINDOWS.items():
         n, f = looked_back("_n", d), looked_back("_f", d)
         cols[f"n_{w}"], cols[f"fraud_rate_{w}"] = n, (f + RISK_PSEUDO_COUNT * RISK_PRIOR_RATE) / (n + RISK_PSEUDO_COUNT)
-    return grid.select(entity=pl.lit(e), key="key", day="day", **cols)
+    out = []
+    for e in RISK_ENTITIES:  # a grid of every key of the entity × every day, in (key, day) order
+        mine = daily.filter(pl.col("entity") == e, pl.col("key").is_not_null()).select("key", "day", "_n", "_f")
+        grid = mine.select(pl.col("key").unique()).join(days, how="cross") \
+            .join(mine, on=["key", "day"], how="left").sort("key", "day")
+        out.append(grid.select(entity=pl.lit(e), key="key", day="day", **cols))
+    return pl.concat(out).collect().cast(RISK_SCHEMA)
 
 
 def merchant_risk_table(tx: pl.DataFrame,  # labelled clean transactions (needs ts, is_fraud, the entities' columns)
                         label_delay_days: int,  # labels arrive this many days after the transaction
                         ) -> pl.DataFrame:
     "The entity-risk table (`RISK_SCHEMA`): a row per (risk entity, key, day), each window ending the delay before."
-    if tx.is_empty():
-        return pl.DataFrame(schema=RISK_SCHEMA)
-    return pl.concat([_entity_risk(tx, e, label_delay_days) for e in RISK_ENTITIES]).collect().cast(RISK_SCHEMA)
+    return risk_from_daily(daily_risk_counts(tx), label_delay_days)
 
 
 risk_table = merchant_risk_table  # the general name: every `RISK_ENTITIES` entity, not only merchants

@@ -73,10 +73,21 @@ def test_spark_features_equal_polars(spark_set, demo, tmp_path):
     want = pl.read_parquet(tmp_path / "polars" / "*.parquet").sort("ts", "trans_num").select(got.columns)
     assert got.height == want.height == sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in demo)
     assert_frame_equal(got, want)
+    assert set(FEATURES) <= set(got.columns)  # all 78 features, entity risk of merchant, category and zip included
     from fraud_detection.features import merchant_risk_table
     everything = pl.concat([pl.read_parquet(p) for p in demo])
     unbucketed = batch_features(everything, merchant_risk_table(everything, DELAY))
     assert_frame_equal(got.drop("split"), unbucketed.select([c for c in got.columns if c != "split"]))
+
+
+def test_spark_risk_table_equals_polars(spark, demo):
+    "Daily counts from Spark's groupBy, windows by features.risk_from_daily: merchant_risk_table bit for bit."
+    from fraud_detection.features import RISK_ENTITIES, merchant_risk_table
+    from fraud_detection.spark import read_clean, spark_merchant_risk
+    everything = pl.concat([pl.read_parquet(p) for p in demo])
+    got = spark_merchant_risk(read_clean(spark, demo), DELAY)
+    assert got.equals(merchant_risk_table(everything, DELAY))
+    assert got["entity"].unique(maintain_order=True).to_list() == list(RISK_ENTITIES)
 
 
 def test_spark_trained_model_in_api(spark, spark_set, tmp_path):
@@ -152,6 +163,43 @@ def test_spark_build_batch_features_equals_polars(spark, demo, tmp_path):
         kw = {"spark": spark} if name == "spark" else {}
         out[name] = build(clean_dir=clean_dir, label_delay_days=DELAY, store=store, push_online=False, **kw)
     assert out["spark"]["customers"] == out["polars"]["customers"] and out["spark"]["as_of"] == out["polars"]["as_of"]
+    risk = [read_offline_merchant_risk(tmp_path / n / MERCHANT_RISK_OFFLINE) for n in ("polars", "spark")]
+    assert_frame_equal(risk[1], risk[0])
+    state = [pl.read_parquet(tmp_path / n / STATE_OFFLINE / "*" / "part-*.parquet").drop("event_timestamp")
+             .sort("customer_id") for n in ("polars", "spark")]
+    assert_frame_equal(state[1], state[0])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_scheduled_notebooks_on_spark(demo, tmp_path):
+    "scheduled/batch_features.ipynb and retrain.ipynb with a Spark master: the cluster computes; same outputs."
+    import shutil
+    import subprocess
+    import sys
+
+    from fraud_detection.feature_store import MERCHANT_RISK_OFFLINE, STATE_OFFLINE, read_offline_merchant_risk
+    from fraud_detection.registry import load
+    from fraud_detection.spark import LocalCluster
+    home = Path(__file__).resolve().parents[1]
+
+    def run(nb: str, data: Path, *params: str, env: dict | None = None) -> str:
+        out = tmp_path / f"{nb}-{data.name}.ipynb"
+        subprocess.run([sys.executable, "-m", "papermill", str(home / "scheduled" / f"{nb}.ipynb"), str(out),
+                        "-p", "data_dir", str(data), *params, "--cwd", str(home / "scheduled")],
+                       check=True, capture_output=True, timeout=900, env=env)
+        return out.read_text()
+    for name in ("polars", "spark"):
+        shutil.copytree(demo[0].parent, tmp_path / name / "clean")
+    build = ("-p", "label_delay_days", str(DELAY), "-p", "push_online", "False")
+    run("batch_features", tmp_path / "polars", *build)
+    with LocalCluster(2, cores=1, memory="1g", work_dir=tmp_path / "cluster") as c:  # its own: the module's is busy
+        text = run("batch_features", tmp_path / "spark", *build, "-p", "spark_master", c.master_url)
+        assert "engine: spark (spark://127.0.0.1" in text
+        text = run("retrain", tmp_path / "spark", "-p", "num_boost_round", "40", "-p", "grid", "None",
+                   env={**os.environ, "FRAUD_SPARK_MASTER": c.master_url})  # engine "auto": Spark when it is set
+    assert "engine: spark on spark://127.0.0.1" in text and "PROMOTED" in text
+    assert "SparkXGBClassifier" in load("champion", tmp_path / "spark" / "registry").meta["training"]
     risk = [read_offline_merchant_risk(tmp_path / n / MERCHANT_RISK_OFFLINE) for n in ("polars", "spark")]
     assert_frame_equal(risk[1], risk[0])
     state = [pl.read_parquet(tmp_path / n / STATE_OFFLINE / "*" / "part-*.parquet").drop("event_timestamp")
