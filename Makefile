@@ -68,11 +68,12 @@ docs: install
 readme: install
 	$(BIN)/python docs/build.py readme
 
-## Chromium for the browser tests, Prometheus (+ promtool) for the metrics and alert-rule tests, Java 17+ for Spark
-## (Debian packages; nothing downloaded by a test tool).
+## Chromium for the browser tests, Prometheus (+ promtool) for the metrics and alert-rule tests, docker-compose to
+## validate the compose file (no engine needed), Java 17+ for Spark (Debian packages; nothing downloaded by a test tool).
 system-deps:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+	@command -v docker-compose >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null)
 	@command -v java >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null) || true
 	@java -version 2>&1 | grep -Eq 'version "(1[7-9]|[2-9][0-9])' || \
 	  (echo "The Spark tests need Java 17 or newer: apt-get install openjdk-17-jre-headless (or put a JDK 17+ on PATH)" && exit 1)

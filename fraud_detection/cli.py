@@ -188,7 +188,8 @@ def train_cmd(
         _console().print(f"{out['decision']['version']}: {out['decision']['decision']} ({out['decision'].get('reason')}); "
                          f"champion [bold]{al['champion']}[/], challenger {al['challenger']}; training set {out['training_set']}")
         return
-    params = {"margin": margin, "labels_from_db": labels_from_db, **({"grid": None} if quick else {})}
+    params = {"margin": margin, "labels_from_db": labels_from_db, "engine": "memory",  # engine chosen above
+              **({"grid": None} if quick else {})}
     try:
         rec = run_notebook("retrain", params, trigger="cli")
     except RunFailed as e:  # one line (cell, error, executed notebook), not papermill's traceback

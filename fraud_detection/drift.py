@@ -94,7 +94,11 @@ NOT_MONITORED: dict[str, str] = {  # model inputs that move by construction, and
     "n_prior": "lifetime count: grows with every customer's history, so it drifts by construction",
     **{feature_name(e, "count", w): f"{e} volume: scales with traffic on the platform (growth, season), not with "
                                     "fraud; its effect on the model is watched through the score distribution"
-       for e in RISK_ENTITIES for w in RISK_WINDOWS}}
+       for e in RISK_ENTITIES for w in RISK_WINDOWS},
+    **{feature_name("category", "risk", w): "category risk: one value per category and day (14 categories), so over a "
+                                           "window it is a few point masses that move with each day's labels; PSI "
+                                           "would measure the calendar, not the traffic (watched through the score)"
+       for w in RISK_WINDOWS}}
 CALENDAR_PERIODS: dict[str, timedelta] = {  # calendar fields: comparable only over windows spanning their period
     "dow": timedelta(days=7), "is_weekend": timedelta(days=7), "hour": timedelta(days=1), "is_night": timedelta(days=1)}
 

@@ -141,7 +141,7 @@ def test_performance_with_data(scored):
     assert list(cmp["model"]) == ["champion", "challenger (shadow)"]
     assert list(cmp["version"]) == ["v0001", "v0002"]
     assert len(at.get("vega_lite_chart")) == 2  # metrics over time, alert volume
-    assert len(at.get("image")) == 3  # the report's PR curve, calibration and SHAP summary
+    assert len(at.get("image")) == 4  # the report's headline bars, PR curve, calibration and SHAP summary
     summary = at.dataframe[1].value  # the training report's headline table (evaluate.summary_table)
     assert list(summary["model"]) == ["full"] and 0 < summary["pr_auc"].iloc[0] <= 1
     assert "Promotion gate" in texts(at, "caption")

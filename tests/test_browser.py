@@ -152,7 +152,7 @@ def test_performance_page(page, app_server):
     open_page(page, app_server["base"], "performance", "Champion vs challenger")
     assert page.get_by_text("PR-AUC").first.is_visible()
     assert page.locator('[data-testid="stVegaLiteChart"]').count() == 2
-    assert page.locator('[data-testid="stImage"]').count() == 3
+    assert page.locator('[data-testid="stImage"]').count() == 4  # headline, PR curve, calibration, SHAP
     shoot(page, "3_performance")
 
 

@@ -11,7 +11,14 @@ import pytest
 from conftest import fresh_pg_database, require
 
 from fraud_detection.core import Settings
-from fraud_detection.feature_store import FEATURE_SERVICE, STORE_FILES, apply, get_store
+from fraud_detection.feature_store import (
+    CUSTOMER_VIEW,
+    FEATURE_SERVICE,
+    RISK_VIEWS,
+    STORE_FILES,
+    apply,
+    get_store,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +45,7 @@ def test_sql_registry_shared_between_hosts(tmp_path, postgres_url, redis_url):
         apply(store)
         other = get_store(Settings(home=home, data_dir=tmp_path / "host2", online_store="redis", redis_url=redis_url))
         svc = other.get_feature_service(FEATURE_SERVICE)
-        assert {p.name for p in svc.feature_view_projections} == {"customer_realtime", "merchant_risk"}
+        assert {p.name for p in svc.feature_view_projections} == {CUSTOMER_VIEW, *RISK_VIEWS.values()}
         assert not any((tmp_path / "host2").glob("*registry*"))  # nothing of the registry on this host's disk
 
 
@@ -47,10 +54,10 @@ def test_compose_config_validates():
     exe = shutil.which("docker-compose")
     require(exe is not None, "docker-compose (apt-get install docker-compose)")
     p = subprocess.run([exe, "-f", str(ROOT / "docker-compose.yml"), "config", "--services"], capture_output=True,
-                       text=True, env={"FRAUD_CUSTOMER_KEY": "x", "PATH": "/usr/bin:/bin"}, cwd=ROOT, timeout=120)
+                       text=True, env={"FRAUD_CUSTOMER_KEY": "x", "GRAFANA_ADMIN_PASSWORD": "x", "PATH": "/usr/bin:/bin"}, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr
     services = set(p.stdout.split())
-    assert {"spark-master", "spark-worker", "spark-batch", "postgres", "worker", "api"} <= services
+    assert {"spark-master", "spark-worker", "spark-batch", "postgres", "worker", "api", "prometheus", "grafana"} <= services
 
 
 @pytest.mark.parametrize("service", ["spark-batch", "spark-worker"])

@@ -33,13 +33,14 @@ def test_worker_exporter_reads_live_stats():
         assert scrape(url)[("fraud_worker_messages_total", ())] == 0
         # what StreamWorker.process does after a batch
         st.messages += 500; st.scored += 480; st.dlq += 15; st.stale += 5; st.duplicates += 5; st.batches += 1
+        st.dlq_reasons.update(bad_json=10, stale=5)
         st.stages.update(parse=0.01, features=0.2, score=0.3); st.seconds += 0.6; st.last_batch = time.perf_counter()
         st.freshness_ms.extend([40.0] * 470 + [700.0] * 10)
         got = scrape(url)
     finally:
         server.shutdown()
     assert got[("fraud_worker_messages_total", ())] == 500 and got[("fraud_worker_scored_total", ())] == 480
-    assert got[("fraud_worker_dead_lettered_total", (("reason", "invalid"),))] == 10
+    assert got[("fraud_worker_dead_lettered_total", (("reason", "bad_json"),))] == 10
     assert got[("fraud_worker_dead_lettered_total", (("reason", "stale"),))] == 5
     assert got[("fraud_worker_freshness_seconds_count", ())] == 480
     assert got[("fraud_worker_freshness_seconds_bucket", (("le", "0.05"),))] == 470

@@ -123,6 +123,7 @@ def test_real_prometheus_scrapes_every_service(data: Path, tmp_path: Path):
     exporter, _ = serve_worker_metrics(stats, ports["worker"], lag=lambda: {0: 4, 1: 0},
                                        models=lambda: {"champion": "v0001"}, addr="127.0.0.1")
     stats.messages, stats.scored, stats.dlq, stats.batches = 1000, 990, 10, 3  # what three batches leave behind
+    stats.dlq_reasons["bad_json"] = 10
     stats.stages.update(features=0.5, score=0.8); stats.last_batch = time.perf_counter()
     stats.freshness_ms.extend([120.0] * 990)
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -155,7 +156,7 @@ def test_real_prometheus_scrapes_every_service(data: Path, tmp_path: Path):
         _wait("the worker's counters scraped", lambda: _value(prom, "fraud_worker_scored_total") == 990, 30)
         assert _value(prom, 'count(up{job=~"fraud-.*"} == 1)') == 3
         assert _value(prom, "fraud_worker_scored_total") == 990
-        assert _value(prom, 'fraud_worker_dead_lettered_total{reason="invalid"}') == 10
+        assert _value(prom, 'fraud_worker_dead_lettered_total{reason="bad_json"}') == 10
         assert _value(prom, 'histogram_quantile(0.99, sum by (le) (fraud_worker_freshness_seconds_bucket))') <= 0.25
         p99 = _value(prom, 'histogram_quantile(0.99, sum by (le) (fraud_api_request_duration_seconds_bucket{endpoint="/v1/predict"}))')
         assert 0 < p99 < 5, p99
