@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from .schema import MAX_AMT, MIN_AMT
 from .core import (
     CATEGORIES, DOB_FORMAT, IDENTITY_COLUMNS, PII_COLUMNS, RAW_COLUMNS, RAW_TIME_FORMAT, clean_schema, get_settings)
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'MAX_AMT', 'ID_HEX', 'INDEX_COLUMNS', 'INGEST_CHUNK_ROWS', 'IngestError', 'customer_ids', 'missing_columns',
+__all__ = ['logger', 'ID_HEX', 'INDEX_COLUMNS', 'INGEST_CHUNK_ROWS', 'IngestError', 'customer_ids', 'missing_columns',
            'rejects_schema', 'clean_frame', 'scan_raw', 'output_stem', 'raw_inputs', 'FileReport', 'IngestReport',
            'ingest_file', 'ingest_files']
 
@@ -33,7 +34,6 @@ __all__ = ['logger', 'MAX_AMT', 'ID_HEX', 'INDEX_COLUMNS', 'INGEST_CHUNK_ROWS', 
 class IngestError(ValueError):
     "A whole input file cannot be ingested (unreadable, empty, missing required columns)."
 
-MAX_AMT = 100_000.0  # amounts above this are data errors, not transactions
 ID_HEX = 16  # hex characters kept of the HMAC-SHA256 digest (64 bits)
 INDEX_COLUMNS = ("", "Unnamed: 0", "index")  # a leading row-index column written by pandas/Kaggle; ignored
 
@@ -76,7 +76,7 @@ _RULES: dict[str, tuple[str, Callable[[pl.Expr], pl.Expr]]] = {  # column → (c
     "cc_num": ("not a card number", lambda x: ~x.str.contains(r"^\d{8,19}$")),
     "trans_num": ("contains whitespace", lambda x: x.str.contains(r"\s")),
     "category": ("unknown category", lambda x: ~x.is_in(CATEGORIES)),
-    "amt": (f"not in (0, {MAX_AMT:.0f}]", lambda x: ~(x.is_finite() & (x > 0) & (x <= MAX_AMT))),
+    "amt": (f"not in [{MIN_AMT}, {MAX_AMT:.0f}]", lambda x: ~(x.is_finite() & (x >= MIN_AMT) & (x <= MAX_AMT))),
     "gender": ("not F/M", lambda x: ~x.is_in(["F", "M"])),
     "zip": ("out of range", lambda x: ~x.is_between(0, 99_999)),
     "lat": ("out of range", lambda x: ~x.is_between(-90, 90)),

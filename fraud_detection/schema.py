@@ -18,9 +18,9 @@ from pydantic_core import PydanticCustomError
 from .core import CATEGORIES, PII_COLUMNS, clean_schema
 
 # %% auto #0
-__all__ = ['SCHEMA_VERSION', 'SCHEMA_HEADER', 'Category', 'Transaction', 'InvalidMessage', 'message_headers',
-           'encode_transaction', 'decode_transaction', 'frame_to_messages', 'sample_transactions', 'to_frame',
-           'decode_batch']
+__all__ = ['SCHEMA_VERSION', 'SCHEMA_HEADER', 'Category', 'MIN_AMT', 'MAX_AMT', 'Transaction', 'InvalidMessage',
+           'message_headers', 'encode_transaction', 'decode_transaction', 'frame_to_messages', 'sample_transactions',
+           'to_frame', 'decode_batch']
 
 # %% ../nbs/03_schema.ipynb #cf0bc120
 SCHEMA_VERSION = "transactions/v1"  # value of the `schema` header on every `transactions` message
@@ -34,6 +34,9 @@ _EXAMPLE = {
     "amt": 2.86, "gender": "M", "city": "Columbia", "state": "SC", "zip": 29209, "lat": 33.9659,
     "long": -80.9355, "city_pop": 333497, "job": "Mechanical engineer", "dob": "1968-03-19",
     "merch_lat": 33.986391, "merch_long": -81.200714, "is_fraud": None}
+
+MIN_AMT = 0.01  # a cent: the smallest amount a card network settles (smaller ones make ratios overflow)
+MAX_AMT = 100_000.0  # amounts above this are data errors, not card transactions (Sparkov's largest: ~29 k)
 
 def _f(description: str, **kw) -> Any:
     "A strict field with a description."
@@ -49,7 +52,7 @@ class Transaction(BaseModel):
     customer_id: str = _f("keyed hash of the card holder's identity (never the card number)", min_length=1, max_length=64)
     merchant: str = _f("merchant name", min_length=1, max_length=200)
     category: Category = Field(description="merchant category")
-    amt: float = _f("amount in USD, > 0", gt=0, le=1_000_000, allow_inf_nan=False)
+    amt: float = _f(f"amount in USD, {MIN_AMT} to {MAX_AMT:,.0f}", ge=MIN_AMT, le=MAX_AMT, allow_inf_nan=False)
     gender: Literal["F", "M"] = Field(description="card holder's gender")
     city: str = _f("card holder's city", min_length=1, max_length=200)
     state: str = _f("card holder's state, two capital letters", pattern=r"^[A-Z]{2}$")

@@ -112,10 +112,10 @@ def test_with_and_without_index_column(tmp_path, index):
 
 BAD = [  # (column, raw value, reason)
     ("amt", "abc", "amt: unparseable"),
-    ("amt", "-3.50", "amt: not in (0, 100000]"),
-    ("amt", "0", "amt: not in (0, 100000]"),
-    ("amt", "1e9", "amt: not in (0, 100000]"),
-    ("amt", "nan", "amt: not in (0, 100000]"),
+    ("amt", "-3.50", "amt: not in [0.01, 100000]"),
+    ("amt", "0", "amt: not in [0.01, 100000]"),
+    ("amt", "1e9", "amt: not in [0.01, 100000]"),
+    ("amt", "nan", "amt: not in [0.01, 100000]"),
     ("trans_date_trans_time", "2019-02-30 10:00:00", "trans_date_trans_time: unparseable"),
     ("trans_date_trans_time", "01/02/2019 10:00", "trans_date_trans_time: unparseable"),
     ("dob", "yesterday", "dob: unparseable"),
@@ -178,7 +178,7 @@ def test_nothing_silently_dropped(tmp_path):
     assert f.rows_in == 200 == f.rows_ok + f.rows_rejected == clean.height + rej.height
     assert sorted(clean["trans_num"].to_list() + rej["trans_num"].to_list()) == sorted(r["trans_num"] for r in rows)
     assert rej.filter(pl.col("row") == 3)["reason"].item() == "gender: missing; lat: unparseable"
-    assert sum(f.reasons.values()) >= f.rows_rejected and f.reasons["amt: not in (0, 100000]"] == 29
+    assert sum(f.reasons.values()) >= f.rows_rejected and f.reasons["amt: not in [0.01, 100000]"] == 29
 
 
 def test_privacy_no_pii_in_any_written_file(tmp_path):
@@ -271,7 +271,7 @@ def test_report_renders(tmp_path):
     console = Console(record=True, width=200)
     console.print(rep)
     out = console.export_text()
-    assert "fraudTrain.csv" in out and "amt: not in (0, 100000]" in out and "FAILED" in out and "no such file" in out
+    assert "fraudTrain.csv" in out and "amt: not in [0.01, 100000]" in out and "FAILED" in out and "no such file" in out
     assert "3 rows in, 2 ok, 1 rejected" in str(rep)
 
 
