@@ -139,8 +139,10 @@ def freshness_run(base: Path, work: Path, bootstrap: str, test, run: int, rate: 
             logging.getLogger("fraud_detection.worker").removeHandler(handler)
         lat = result_rows(url)["latency_ms"].to_numpy()
     assert len(lat) == test.height, (len(lat), test.height)
+    st = out["stats"]
     return {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-            "max": float(lat.max()), "sent_rate": rep.rate}
+            "max": float(lat.max()), "sent_rate": rep.rate, "batches": st.batches, "messages": st.messages,
+            "stages": dict(st.stages)}
 
 
 def repeated(test, copies: int):
@@ -181,6 +183,11 @@ def report(kind: str, tput: list[dict], fresh: list[dict], a) -> dict:
         print(f"{kind}: freshness at {a.rate:,.0f} tx/s: p50 {res['freshness_p50_ms']:.0f} ms, p99 {p99:.0f} ms "
               f"(goal <= {FRESH_GOAL_MS} ms: {'met' if p99 <= FRESH_GOAL_MS else 'NOT met'}); runs p99: "
               + ", ".join(f"{f['p99']:.0f}" for f in fresh))
+        batches = sum(f["batches"] for f in fresh)
+        per = {k: sum(f["stages"].get(k, 0.0) for f in fresh) / batches * 1e3 for k in fresh[0]["stages"]}
+        print(f"{kind}: at that rate, {sum(f['messages'] for f in fresh) / batches:.0f} messages per batch, "
+              f"ms per batch by step: " + ", ".join(f"{k} {per[k]:.1f}" for k in sorted(per, key=lambda k: -per[k]))
+              + f"; total {sum(per.values()):.1f} ms")
     return res
 
 

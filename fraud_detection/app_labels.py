@@ -13,34 +13,53 @@ from typing import Any
 import polars as pl
 
 from .core import CATEGORIES
+from .features import FEATURE_ORIGIN, RISK_ENTITIES
 
 # %% auto #0
 __all__ = ['FEATURE_LABELS', 'LABEL_STATUS', 'feature_label', 'format_value', 'reasons_frame', 'top_reason', 'features_table',
            'alerts_table']
 
 # %% ../nbs/60a_app_labels.ipynb #116f2851
-FEATURE_LABELS: dict[str, str] = {
+_NAMED = {  # names worded by hand: the transaction's own fields and the customer's whole-history profile
     "amt": "Amount", "log_amt": "Amount (log)", "hour": "Hour of day", "dow": "Day of week",
-    "is_night": "Night-time (22:00–06:00)", "age": "Cardholder age", "gender_m": "Gender (male)",
-    "city_pop": "Home city population", "category_code": "Merchant category", "dist_home_km": "Distance from home",
-    "n_10m": "Transactions in last 10 min", "amt_10m": "Spent in last 10 min",
-    "n_1h": "Transactions in last hour", "amt_1h": "Spent in last hour",
-    "n_24h": "Transactions in last 24 h", "amt_24h": "Spent in last 24 h",
-    "n_7d": "Transactions in last 7 days", "amt_7d": "Spent in last 7 days",
-    "n_prior": "Customer's prior transactions", "amt_mean_prior": "Customer's usual amount",
-    "amt_ratio": "Amount vs customer's usual", "amt_z": "Amount z-score vs usual",
-    "secs_since_prev": "Time since previous transaction", "dist_prev_km": "Distance from previous transaction",
-    "new_merchant": "New merchant for customer", "new_category": "New category for customer",
-    "merchant_n_30d": "Merchant volume (30 days)", "merchant_fraud_rate_30d": "Merchant fraud rate (30 days)",
-}
+    "is_night": "Night-time (22:00–06:00)", "is_weekend": "Weekend", "age": "Cardholder age",
+    "gender_m": "Gender (male)", "city_pop": "Home city population", "category_code": "Merchant category",
+    "dist_home_km": "Distance from home", "n_prior": "Customer's prior transactions",
+    "amt_mean_prior": "Customer's usual amount", "amt_ratio": "Amount vs customer's usual",
+    "amt_z": "Amount z-score vs usual", "hour_typicality": "How usual this hour is for the customer",
+    "dist_home_ratio": "Distance from home vs customer's usual", "dist_prev_km": "Distance from previous transaction"}
+_AGGREGATE_WORDS = {"count": "Transactions", "sum": "Spent", "mean": "Average amount", "vs_mean": "Amount vs average",
+                    "std": "Amount spread (std)", "max": "Largest amount", "z": "Amount z-score",
+                    "distinct": "Distinct merchants", "since_last": "Time since previous transaction"}
+_WHERE = {"customer": "", "customer_category": " in this category", "customer_merchant": " at this merchant"}
+_WINDOW_WORDS = {"10m": "last 10 min", "1h": "last hour", "24h": "last 24 h", "7d": "last 7 days", "30d": "last 30 days",
+                 "1d": "last day"}
+_ENTITY_WORDS = {"merchant": "Merchant", "category": "Category", "zip": "Home ZIP"}
+
+def _label(feature: str, entity: str, agg: str, window: str) -> str:
+    "The plain name of a generated feature, from what it aggregates, where and over which window."
+    if feature in _NAMED:
+        return _NAMED[feature]
+    if entity in RISK_ENTITIES:
+        days = window.removesuffix("d")
+        return f"{_ENTITY_WORDS[entity]} {'fraud rate' if agg == 'risk' else 'volume'} ({days} day{'s' * (days != '1')})"
+    if agg == "first":
+        return f"New {entity.removeprefix('customer_')} for customer"
+    span = "" if window == "all" else f" ({_WINDOW_WORDS[window]})" if agg == "since_last" else f" in {_WINDOW_WORDS[window]}"
+    return f"{_AGGREGATE_WORDS[agg]}{_WHERE[entity]}{span}"
+
+FEATURE_LABELS: dict[str, str] = {f: _label(f, *origin) for f, origin in FEATURE_ORIGIN.items()}
 
 def feature_label(name: str) -> str:
     "Plain-language name of a model feature."
     return FEATURE_LABELS.get(name) or name.replace("_", " ").strip().capitalize()
 
 # %% ../nbs/60a_app_labels.ipynb #9cce85b7
-_MONEY = {"amt", "amt_10m", "amt_1h", "amt_24h", "amt_7d", "amt_mean_prior"}
-_FLAGS = {"is_night", "gender_m", "new_merchant", "new_category"}
+_MONEY = {"amt", *(f for f, (_, agg, _) in FEATURE_ORIGIN.items() if agg in ("sum", "mean", "max"))}
+_FLAGS = {"is_night", "is_weekend", "gender_m", *(f for f, (_, agg, _) in FEATURE_ORIGIN.items() if agg == "first")}
+_DURATIONS = {f for f, (_, agg, _) in FEATURE_ORIGIN.items() if agg == "since_last"}
+_RATIOS = {f for f, (_, agg, _) in FEATURE_ORIGIN.items() if agg == "vs_mean"}
+_RATES = {f for f, (_, agg, _) in FEATURE_ORIGIN.items() if agg == "risk"}
 _DAYS = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
 
 def _duration(secs: float) -> str:
@@ -66,13 +85,13 @@ def format_value(name: str, # feature name
         return _DAYS[int(value)]
     if name == "hour":
         return f"{int(value):02d}:00"
-    if name == "secs_since_prev":
+    if name in _DURATIONS:
         return _duration(float(value))
     if name.endswith("_km"):
         return f"{value:,.1f} km"
-    if name == "amt_ratio":
+    if name in _RATIOS:
         return f"{value:.1f}×"
-    if name.endswith("_rate_30d"):
+    if name in _RATES:
         return f"{100 * value:.2f} %"
     return f"{value:,.2f}".rstrip("0").rstrip(".") if isinstance(value, float) else f"{value:,}"
 
