@@ -9,12 +9,6 @@ import sys
 from pathlib import Path
 
 from .core import get_settings
-# the five jobs, re-exported for callers written before the split (prefer importing the job's module)
-from .app_labels import *  # noqa: F403
-from .app_charts import *  # noqa: F403
-from .app_queries import *  # noqa: F403
-from .app_prometheus import *  # noqa: F403
-from .app_files import *  # noqa: F403
 
 # %% auto #0
 __all__ = ['app_command']

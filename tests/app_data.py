@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from fraud_detection import results as R
+from fraud_detection import results
 from fraud_detection.runs import RunRecord
 
 _MODEL_TEMPLATE: Path | None = None
@@ -42,16 +42,16 @@ def make_scored_home(root: Path, n: int = 200, seed: int = 7) -> dict:
     "Fill root/data and root/runs as the running system would; returns what was written."
     data, runs = root / "data", root / "runs"
     now = datetime.now(UTC).replace(tzinfo=None)
-    eng = R.get_engine(f"sqlite:///{data / 'fraud.db'}")
-    R.create_tables(eng)
-    preds = R.fake_predictions(n, seed=seed, end=now)
-    R.write_predictions(eng, preds)
+    eng = results.get_engine(f"sqlite:///{data / 'fraud.db'}")
+    results.create_tables(eng)
+    preds = results.fake_predictions(n, seed=seed, end=now)
+    results.write_predictions(eng, preds)
     for i in range(6):
         for w in ("worker-0", "worker-1"):
-            R.write_worker_stats(eng, w, processed=400 + 10 * i, dlq=i % 2, lag=120 - 20 * i, throughput=40.0 + i,
-                                 ts=now - timedelta(minutes=6 - i))
+            results.write_worker_stats(eng, w, processed=400 + 10 * i, dlq=i % 2, lag=120 - 20 * i, throughput=40.0 + i,
+                                       ts=now - timedelta(minutes=6 - i))
     # training reference: the same kind of rows, amounts less than half (so amount drifts, the rest does not)
-    ref = R.fake_predictions(1500, seed=seed + 1, end=now - timedelta(days=60), days=60)
+    ref = results.fake_predictions(1500, seed=seed + 1, end=now - timedelta(days=60), days=60)
     feats = pl.DataFrame([json.loads(json.dumps(f)) for f in ref["features"].to_list()], infer_schema_length=None)
     feats = feats.with_columns(pl.col("amt") * 0.45, pl.col("log_amt") - 0.8)
     (data / "features").mkdir(parents=True, exist_ok=True)
