@@ -15,7 +15,7 @@ from itertools import accumulate
 import polars as pl
 
 from .core import CATEGORIES, clean_schema
-from .formula import Fx, Row, col, evaluate, exprs, when
+from .formula import RowFormula, Row, col, evaluate, exprs, when
 
 # %% auto #0
 __all__ = ['WINDOWS', 'STATE_HORIZON', 'LIST_WINDOWS', 'RISK_WINDOWS', 'RISK_WINDOWS_DAYS', 'PARTITIONS', 'RISK_ENTITIES',
@@ -144,11 +144,11 @@ def empty_state() -> pl.DataFrame:
 EARTH_RADIUS_KM = 6371.0088  # mean Earth radius (IUGG)
 
 
-def haversine_km(lat1: Fx,  # latitude of the first point, degrees
-                 lon1: Fx,  # longitude of the first point, degrees
-                 lat2: Fx,  # latitude of the second point, degrees
-                 lon2: Fx,  # longitude of the second point, degrees
-                 ) -> Fx:
+def haversine_km(lat1: RowFormula,  # latitude of the first point, degrees
+                 lon1: RowFormula,  # longitude of the first point, degrees
+                 lat2: RowFormula,  # latitude of the second point, degrees
+                 lon2: RowFormula,  # longitude of the second point, degrees
+                 ) -> RowFormula:
     "Great-circle distance in km between two points (null if any coordinate is null)."
     p1, p2 = lat1.radians(), lat2.radians()
     a = ((p2 - p1) / 2).sin().square() + p1.cos() * p2.cos() * ((lon2.radians() - lon1.radians()) / 2).sin().square()
@@ -160,7 +160,7 @@ _ORDER = [_C, "ts", "trans_num"]  # history order per customer; ties of ts by tr
 _HOUR_ANGLE = 2 * math.pi / 24  # radians per hour of the day
 
 
-def _tx_only() -> list[Fx]:
+def _tx_only() -> list[RowFormula]:
     "Features of the transaction alone."
     ts, h = col("ts"), col("ts").hour()
     return [
@@ -172,7 +172,7 @@ def _tx_only() -> list[Fx]:
     ]
 
 
-def _row_totals() -> dict[str, Fx]:
+def _row_totals() -> dict[str, RowFormula]:
     "What each transaction adds to its customer's all-history totals (`_TOTALS`), besides a count of 1."
     angle = col("ts").hour() * _HOUR_ANGLE
     return {"_sa": col("amt"), "_sq": col("amt") * col("amt"),
@@ -203,7 +203,7 @@ _SUMS, _LISTS, _SINCE = _needs()
 def _formula(e: str,  # entity of a `PARTITIONS` family
              a: str,  # aggregate
              w: str,  # window
-             ) -> Fx:
+             ) -> RowFormula:
     "The one formula of a customer-keyed feature, over the history columns (raw window sums, totals, lists)."
     p, amt, n = _PREFIX[e], col("amt"), col("_n_prior")
     wn, ws, sd = col(f"_n_{p}{w}"), col(f"_s_{p}{w}"), col(f"_std_{w}")
@@ -225,7 +225,7 @@ def _formula(e: str,  # entity of a `PARTITIONS` family
             "z": when(sd > 1e-6 * (ws / wn), (amt - ws / wn) / sd)}[a]
 
 
-def _on_new() -> list[list[Fx]]:
+def _on_new() -> list[list[RowFormula]]:
     "The row formulas on the new rows, in two stages: transaction-only features and moments, then the rest."
     n, s, q = col("_n_prior"), col("_sum_amt"), col("_sumsq_amt")
     first = [*_tx_only(), when(n > 0, s / n).alias("amt_mean_prior"),
@@ -236,7 +236,7 @@ def _on_new() -> list[list[Fx]]:
     return [first, rest]
 
 
-_ON_NEW: list[list[Fx]] = _on_new()
+_ON_NEW: list[list[RowFormula]] = _on_new()
 
 # %% ../nbs/10_features.ipynb #a1f0c004
 @cache

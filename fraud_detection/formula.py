@@ -15,7 +15,7 @@ import polars as pl
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['Row', 'Fx', 'col', 'lit', 'when', 'exprs', 'evaluate']
+__all__ = ['Row', 'RowFormula', 'col', 'lit', 'when', 'exprs', 'evaluate']
 
 # %% ../nbs/09_formula.ipynb #92475e88
 Row = dict[str, Any]  # one row: column name → Python value (None = null)
@@ -52,7 +52,7 @@ def _or(a: bool | None, b: bool | None) -> bool | None:
     return None if a is None or b is None else False
 
 # %% ../nbs/09_formula.ipynb #77ada232
-class Fx:
+class RowFormula:
     "A formula written once: `.expr` is its polars expression, `.fn(row)` its value on one row."
     __slots__ = ("expr", "fn", "name")
     __hash__ = None  # type: ignore[assignment]  # `==` builds a formula (set here: a patched `__eq__` would not clear it)
@@ -63,178 +63,178 @@ class Fx:
                 ):
         self.expr, self.fn, self.name = expr, fn, name
 
-    def __repr__(self) -> str: return f"Fx({self.name or self.expr})"
+    def __repr__(self) -> str: return f"RowFormula({self.name or self.expr})"
 
-    def alias(self, name: str) -> Fx:
+    def alias(self, name: str) -> RowFormula:
         "The same formula, output as column `name`."
-        return Fx(self.expr.alias(name), self.fn, name)
+        return RowFormula(self.expr.alias(name), self.fn, name)
 
-    def _map(self, pl_fn: Callable[[pl.Expr], pl.Expr], py_fn: Callable[[Any], Any]) -> Fx:
+    def _map(self, pl_fn: Callable[[pl.Expr], pl.Expr], py_fn: Callable[[Any], Any]) -> RowFormula:
         "A unary operation (null in, null out)."
         f = self.fn
-        return Fx(pl_fn(self.expr), lambda r: None if (v := f(r)) is None else py_fn(v))
+        return RowFormula(pl_fn(self.expr), lambda r: None if (v := f(r)) is None else py_fn(v))
 
     def _zip(self, other: Any, pl_fn: Callable[[pl.Expr, pl.Expr], pl.Expr], py_fn: Callable[[Any, Any], Any],
-             reflected: bool = False) -> Fx:
+             reflected: bool = False) -> RowFormula:
         "A binary operation with another formula or a constant (null if either side is null)."
-        o = other if isinstance(other, Fx) else lit(other)
+        o = other if isinstance(other, RowFormula) else lit(other)
         a, b = (o, self) if reflected else (self, o)
         fa, fb = a.fn, b.fn
 
         def fn(r: Row) -> Any:
             x, y = fa(r), fb(r)
             return None if x is None or y is None else py_fn(x, y)
-        return Fx(pl_fn(a.expr, b.expr), fn)
+        return RowFormula(pl_fn(a.expr, b.expr), fn)
 
 # %% ../nbs/09_formula.ipynb #c8b0cc9f
-def col(name: str) -> Fx:
+def col(name: str) -> RowFormula:
     "The column `name`."
-    return Fx(pl.col(name), operator.itemgetter(name), name)
+    return RowFormula(pl.col(name), operator.itemgetter(name), name)
 
 
-def lit(value: Any) -> Fx:
+def lit(value: Any) -> RowFormula:
     "A constant."
-    return Fx(pl.lit(value), lambda r: value)
+    return RowFormula(pl.lit(value), lambda r: value)
 
 # %% ../nbs/09_formula.ipynb #9f25cee0
 @patch
-def __add__(self: Fx, o): return self._zip(o, operator.add, operator.add)
+def __add__(self: RowFormula, o): return self._zip(o, operator.add, operator.add)
 @patch
-def __radd__(self: Fx, o): return self._zip(o, operator.add, operator.add, True)
+def __radd__(self: RowFormula, o): return self._zip(o, operator.add, operator.add, True)
 @patch
-def __sub__(self: Fx, o): return self._zip(o, operator.sub, operator.sub)
+def __sub__(self: RowFormula, o): return self._zip(o, operator.sub, operator.sub)
 @patch
-def __rsub__(self: Fx, o): return self._zip(o, operator.sub, operator.sub, True)
+def __rsub__(self: RowFormula, o): return self._zip(o, operator.sub, operator.sub, True)
 @patch
-def __mul__(self: Fx, o): return self._zip(o, operator.mul, operator.mul)
+def __mul__(self: RowFormula, o): return self._zip(o, operator.mul, operator.mul)
 @patch
-def __rmul__(self: Fx, o): return self._zip(o, operator.mul, operator.mul, True)
+def __rmul__(self: RowFormula, o): return self._zip(o, operator.mul, operator.mul, True)
 
 @patch
-def __truediv__(self: Fx, o):
-    if isinstance(o, Fx):
+def __truediv__(self: RowFormula, o):
+    if isinstance(o, RowFormula):
         return self._zip(o, operator.truediv, _div)
     inv = _div(1.0, o)  # polars divides by a constant as a product with its reciprocal (the bits differ)
     return self._map(lambda e: e / o, lambda x: x * inv)
 
 @patch
-def __rtruediv__(self: Fx, o): return self._zip(o, operator.truediv, _div, True)
+def __rtruediv__(self: RowFormula, o): return self._zip(o, operator.truediv, _div, True)
 
 # %% ../nbs/09_formula.ipynb #e461bc98
 # comparisons (null if either side is null)
 @patch
-def __gt__(self: Fx, o): return self._zip(o, operator.gt, operator.gt)
+def __gt__(self: RowFormula, o): return self._zip(o, operator.gt, operator.gt)
 @patch
-def __ge__(self: Fx, o): return self._zip(o, operator.ge, operator.ge)
+def __ge__(self: RowFormula, o): return self._zip(o, operator.ge, operator.ge)
 @patch
-def __lt__(self: Fx, o): return self._zip(o, operator.lt, operator.lt)
+def __lt__(self: RowFormula, o): return self._zip(o, operator.lt, operator.lt)
 @patch
-def __le__(self: Fx, o): return self._zip(o, operator.le, operator.le)
+def __le__(self: RowFormula, o): return self._zip(o, operator.le, operator.le)
 @patch
-def __eq__(self: Fx, o): return self._zip(o, operator.eq, operator.eq)  # type: ignore[override]
+def __eq__(self: RowFormula, o): return self._zip(o, operator.eq, operator.eq)  # type: ignore[override]
 @patch
-def __ne__(self: Fx, o): return self._zip(o, operator.ne, operator.ne)  # type: ignore[override]
+def __ne__(self: RowFormula, o): return self._zip(o, operator.ne, operator.ne)  # type: ignore[override]
 
 # Kleene logic
 @patch
-def __and__(self: Fx, o: Fx) -> Fx:
+def __and__(self: RowFormula, o: RowFormula) -> RowFormula:
     fa, fb = self.fn, o.fn
-    return Fx(self.expr & o.expr, lambda r: _and(fa(r), fb(r)))
+    return RowFormula(self.expr & o.expr, lambda r: _and(fa(r), fb(r)))
 
 @patch
-def __or__(self: Fx, o: Fx) -> Fx:
+def __or__(self: RowFormula, o: RowFormula) -> RowFormula:
     fa, fb = self.fn, o.fn
-    return Fx(self.expr | o.expr, lambda r: _or(fa(r), fb(r)))
+    return RowFormula(self.expr | o.expr, lambda r: _or(fa(r), fb(r)))
 
 @patch
-def __invert__(self: Fx) -> Fx: return self._map(operator.invert, operator.not_)
+def __invert__(self: RowFormula) -> RowFormula: return self._map(operator.invert, operator.not_)
 
 # %% ../nbs/09_formula.ipynb #b7696103
 # math (NaN where the domain ends, as polars)
 @patch
-def log1p(self: Fx) -> Fx: return self._map(pl.Expr.log1p, _nan_on_domain_error(math.log1p))
+def log1p(self: RowFormula) -> RowFormula: return self._map(pl.Expr.log1p, _nan_on_domain_error(math.log1p))
 @patch
-def sqrt(self: Fx) -> Fx: return self._map(pl.Expr.sqrt, _nan_on_domain_error(math.sqrt))
+def sqrt(self: RowFormula) -> RowFormula: return self._map(pl.Expr.sqrt, _nan_on_domain_error(math.sqrt))
 @patch
-def sin(self: Fx) -> Fx: return self._map(pl.Expr.sin, math.sin)
+def sin(self: RowFormula) -> RowFormula: return self._map(pl.Expr.sin, math.sin)
 @patch
-def cos(self: Fx) -> Fx: return self._map(pl.Expr.cos, math.cos)
+def cos(self: RowFormula) -> RowFormula: return self._map(pl.Expr.cos, math.cos)
 @patch
-def arcsin(self: Fx) -> Fx: return self._map(pl.Expr.arcsin, _nan_on_domain_error(math.asin))
+def arcsin(self: RowFormula) -> RowFormula: return self._map(pl.Expr.arcsin, _nan_on_domain_error(math.asin))
 @patch
-def radians(self: Fx) -> Fx: return self._map(pl.Expr.radians, math.radians)
+def radians(self: RowFormula) -> RowFormula: return self._map(pl.Expr.radians, math.radians)
 @patch
-def square(self: Fx) -> Fx: return self._map(lambda e: e * e, lambda x: x * x)
+def square(self: RowFormula) -> RowFormula: return self._map(lambda e: e * e, lambda x: x * x)
 
 @patch
-def clip_lower(self: Fx, bound: float) -> Fx:
+def clip_lower(self: RowFormula, bound: float) -> RowFormula:
     "max(x, bound) (NaN stays NaN, as polars `clip`)."
     return self._map(lambda e: e.clip(lower_bound=bound), lambda x: x if x != x or x >= bound else bound)
 
 # %% ../nbs/09_formula.ipynb #4b994879
 # types and nulls
 @patch
-def to_int(self: Fx) -> Fx:
+def to_int(self: RowFormula) -> RowFormula:
     "As a 32-bit integer (booleans → 0/1)."
     return self._map(lambda e: e.cast(pl.Int32), int)
 
 @patch
-def fill_null(self: Fx, value: Any) -> Fx:
+def fill_null(self: RowFormula, value: Any) -> RowFormula:
     "`value` where null."
     f = self.fn
-    return Fx(self.expr.fill_null(value), lambda r: value if (v := f(r)) is None else v)
+    return RowFormula(self.expr.fill_null(value), lambda r: value if (v := f(r)) is None else v)
 
 @patch
-def is_in(self: Fx, values: Iterable) -> Fx:
+def is_in(self: RowFormula, values: Iterable) -> RowFormula:
     "True where the value is one of `values`."
     vs = list(values)
     s = frozenset(vs)
     return self._map(lambda e: e.is_in(vs), s.__contains__)
 
 @patch
-def code(self: Fx, categories: list[str]) -> Fx:
+def code(self: RowFormula, categories: list[str]) -> RowFormula:
     "Position of the value in `categories`, -1 if absent or null (polars: cast to an Enum, physical)."
     pos = {c: i for i, c in enumerate(categories)}
     f = self.fn
-    return Fx(self.expr.cast(pl.Enum(categories), strict=False).to_physical().cast(pl.Int32).fill_null(-1),
+    return RowFormula(self.expr.cast(pl.Enum(categories), strict=False).to_physical().cast(pl.Int32).fill_null(-1),
               lambda r: pos.get(f(r), -1))
 
 # %% ../nbs/09_formula.ipynb #6a42b52c
 # date and time
 @patch
-def hour(self: Fx) -> Fx: return self._map(lambda e: e.dt.hour().cast(pl.Int32), lambda t: t.hour)
+def hour(self: RowFormula) -> RowFormula: return self._map(lambda e: e.dt.hour().cast(pl.Int32), lambda t: t.hour)
 @patch
-def weekday(self: Fx) -> Fx: return self._map(lambda e: e.dt.weekday().cast(pl.Int32), datetime.isoweekday)
+def weekday(self: RowFormula) -> RowFormula: return self._map(lambda e: e.dt.weekday().cast(pl.Int32), datetime.isoweekday)
 @patch
-def date(self: Fx) -> Fx: return self._map(lambda e: e.dt.date(), datetime.date)
+def date(self: RowFormula) -> RowFormula: return self._map(lambda e: e.dt.date(), datetime.date)
 @patch
-def total_days(self: Fx) -> Fx: return self._map(lambda e: e.dt.total_days(), lambda d: d.days)
+def total_days(self: RowFormula) -> RowFormula: return self._map(lambda e: e.dt.total_days(), lambda d: d.days)
 
 @patch
-def total_microseconds(self: Fx) -> Fx:
+def total_microseconds(self: RowFormula) -> RowFormula:
     return self._map(lambda e: e.dt.total_microseconds(), lambda d: d // timedelta(microseconds=1))
 
 # %% ../nbs/09_formula.ipynb #0b6ef564
-def when(cond: Fx,  # condition; null counts as false
-         then: Fx | Any,  # value where true
-         otherwise: Fx | Any = None,  # value elsewhere (None: null)
-        ) -> Fx:
+def when(cond: RowFormula,  # condition; null counts as false
+         then: RowFormula | Any,  # value where true
+         otherwise: RowFormula | Any = None,  # value elsewhere (None: null)
+        ) -> RowFormula:
     "`then` where `cond` is true, else `otherwise` (polars `when/then/otherwise`)."
-    t = then if isinstance(then, Fx) else lit(then)
+    t = then if isinstance(then, RowFormula) else lit(then)
     fc, ft = cond.fn, t.fn
     if otherwise is None:
-        return Fx(pl.when(cond.expr).then(t.expr), lambda r: ft(r) if fc(r) is True else None)
-    o = otherwise if isinstance(otherwise, Fx) else lit(otherwise)
+        return RowFormula(pl.when(cond.expr).then(t.expr), lambda r: ft(r) if fc(r) is True else None)
+    o = otherwise if isinstance(otherwise, RowFormula) else lit(otherwise)
     fo = o.fn
-    return Fx(pl.when(cond.expr).then(t.expr).otherwise(o.expr), lambda r: ft(r) if fc(r) is True else fo(r))
+    return RowFormula(pl.when(cond.expr).then(t.expr).otherwise(o.expr), lambda r: ft(r) if fc(r) is True else fo(r))
 
 # %% ../nbs/09_formula.ipynb #360e5bfa
-def exprs(formulas: Iterable[Fx]) -> list[pl.Expr]:
+def exprs(formulas: Iterable[RowFormula]) -> list[pl.Expr]:
     "The polars expressions of named formulas (for `with_columns`)."
     return [f.expr for f in formulas]
 
 
-def evaluate(formulas: Iterable[Fx],  # named formulas, each may read the ones before it
+def evaluate(formulas: Iterable[RowFormula],  # named formulas, each may read the ones before it
              row: Row,  # input columns; updated in place
             ) -> Row:
     "Evaluate named formulas in order on one row, adding each result to `row` (as polars `with_columns` stages)."
