@@ -206,6 +206,36 @@ def _headline(y: np.ndarray, p: np.ndarray) -> dict:
     return {"rows": len(y), "positives": int(y.sum()), "pr_auc": float(average_precision_score(y, p)),
             "roc_auc": float(roc_auc_score(y, p))}
 
+def _scale_scorer(booster: xgb.Booster,  # trained model, `feature_names` set
+                  valid: tuple[np.ndarray, np.ndarray],  # validation (labels, raw margins): calibration, thresholds
+                  test: tuple[np.ndarray, np.ndarray],  # test-period (labels, raw margins): headline metrics
+                  counts: dict,  # {False: training, True: validation}, each with `rows` and `pos`
+                  cutoff: datetime,  # first validation timestamp
+                  t0: float,  # `time.perf_counter()` when training started
+                  params: dict,  # the parameters trained with (kept in meta)
+                  training: str,  # how it was trained (kept in meta)
+                  training_set: str | Path,  # where its rows came from
+                  review_budget: float = 0.01,  # see `choose_thresholds`
+                  decline_precision: float = 0.9,  # see `choose_thresholds`
+                  ) -> Scorer:
+    "A `Scorer` calibrated and thresholded on validation margins, with the meta `train_external` and `spark_train` keep."
+    (y_va, m_va), (y_te, m_te), tr, va = valid, test, counts[False], counts[True]
+    scorer = Scorer(booster, {"features": booster.feature_names, "thresholds": {"review": 1.0, "decline": None},
+                              "calibration": fit_calibration(m_va, y_va)})
+    p_va = scorer.proba(m_va)
+    scorer.thresholds = choose_thresholds(y_va, p_va, review_budget, decline_precision)
+    scorer.meta |= {
+        "version": "unregistered", "label": LABEL, "params": params, "trees": booster.num_boosted_rounds(),
+        "thresholds": scorer.thresholds, "training": training, "training_set": str(training_set),
+        "valid_cutoff": str(cutoff),
+        "train": {"rows": tr["rows"], "positives": tr["pos"], "end": str(cutoff)},
+        "valid": {"rows": va["rows"], "positives": va["pos"], "start": str(cutoff)},
+        "metrics": {"valid": _headline(y_va, p_va), "test": _headline(y_te, scorer.proba(m_te))},
+        "libraries": library_versions(), "trained_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "train_seconds": round(time.perf_counter() - t0, 2)}
+    return scorer
+
+# %% ../nbs/12_partitioned.ipynb #80ee1076
 def train_external(training: Path,  # build_training_set's folder
                    features: list[str],  # model inputs, in order
                    valid_frac: float = 0.2,  # latest share of the training period's rows for validation
@@ -232,7 +262,7 @@ def train_external(training: Path,  # build_training_set's folder
     c = {r["valid"]: r for r in counts.iter_rows(named=True)}
     if not (c.get(False, {}).get("pos") and c.get(True, {}).get("pos")):
         raise ValueError("train_external: training and validation both need positives")
-    tr, va = c[False], c[True]
+    tr = c[False]
     base = {**DEFAULT_PARAMS, **(params or {}), "scale_pos_weight": (tr["rows"] - tr["pos"]) / tr["pos"],
             "base_score": 0.5, "nthread": nthread, "seed": seed}
     with tempfile.TemporaryDirectory(prefix=".xgb-cache-", dir=training.parent) as cache:
@@ -246,22 +276,9 @@ def train_external(training: Path,  # build_training_set's folder
     booster = b[:b.best_iteration + 1]
     booster.feature_names = features
     y_va, m_va = stream_margins(booster, files, features, is_valid)
-    scorer = Scorer(booster, {"features": features, "thresholds": {"review": 1.0, "decline": None},
-                              "calibration": fit_calibration(m_va, y_va)})
-    p_va = scorer.proba(m_va)
-    scorer.thresholds = choose_thresholds(y_va, p_va, review_budget, decline_precision)
-    y_te, m_te = stream_margins(booster, files, features, pl.col("split") == "test")
-    scorer.meta |= {
-        "version": "unregistered", "label": LABEL, "params": base, "trees": booster.num_boosted_rounds(),
-        "thresholds": scorer.thresholds, "training": "xgboost external memory (ExtMemQuantileDMatrix)",
-        "training_set": str(training), "valid_cutoff": str(cutoff),
-        "train": {"rows": tr["rows"], "positives": tr["pos"], "end": str(cutoff)},
-        "valid": {"rows": va["rows"], "positives": va["pos"], "start": str(cutoff)},
-        "metrics": {"valid": _headline(y_va, p_va), "test": _headline(y_te, scorer.proba(m_te))},
-        "libraries": library_versions(), "trained_at": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "train_seconds": round(time.perf_counter() - t0, 2)}
-    return scorer
-
+    return _scale_scorer(booster, (y_va, m_va), stream_margins(booster, files, features, pl.col("split") == "test"), c,
+                         cutoff, t0, base, "xgboost external memory (ExtMemQuantileDMatrix)", training,
+                         review_budget, decline_precision)
 
 # %% ../nbs/12_partitioned.ipynb #46257079
 def _day_groups(root: Path) -> dict[Path, list[Path]]:

@@ -28,9 +28,9 @@ from .core import clean_schema, get_settings
 from fraud_detection.features import (
     FEATURE_SCHEMA, FEATURES, RISK_DAILY_SCHEMA, RISK_ENTITIES, STATE_SCHEMA, batch_features, risk_from_daily,
     state_from_history)
-from .model import LABEL, Scorer, choose_thresholds, fit_calibration, library_versions, to_matrix
+from .model import LABEL, Scorer, to_matrix
 from .partitioned import (
-    BUCKET, BUCKET_HEX, MANIFEST, ROWS_PER_BUCKET, _headline, n_buckets)
+    BUCKET, BUCKET_HEX, MANIFEST, ROWS_PER_BUCKET, _scale_scorer, n_buckets)
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -353,7 +353,7 @@ def spark_train(spark: SparkSession,  # from spark_session
         F.count(F.lit(1)).alias("rows"), F.sum(F.col(LABEL).cast("long")).alias("pos")).collect()}
     if not (c.get(False) and c[False]["pos"] and c.get(True) and c[True]["pos"]):
         raise ValueError("spark_train: training and validation both need positives")
-    tr, va = c[False], c[True]
+    tr = c[False]
     p = {"max_depth": 6, "learning_rate": 0.1, "min_child_weight": 1.0, "subsample": 0.8, "colsample_bytree": 0.8,
          "reg_lambda": 1.0, "max_bin": 256, **(params or {})}
     # one float array column (NaN = missing, as XGBoost's float32 input): xgboost.spark's list-of-columns input
@@ -369,24 +369,12 @@ def spark_train(spark: SparkSession,  # from spark_session
     if booster.best_iteration is not None:
         booster = booster[:booster.best_iteration + 1]
     booster.feature_names = features
-    y_va, m_va = _margins(rows.filter("is_valid"), booster, features)
-    scorer = Scorer(booster, {"features": features, "thresholds": {"review": 1.0, "decline": None},
-                              "calibration": fit_calibration(m_va, y_va)})
-    p_va = scorer.proba(m_va)
-    scorer.thresholds = choose_thresholds(y_va, p_va, review_budget, decline_precision)
-    y_te, m_te = _margins(spark.read.parquet(str(training)).filter(F.col("split") == "test"), booster, features)
-    scorer.meta |= {
-        "version": "unregistered", "label": LABEL, "params": {**p, "n_estimators": num_boost_round},
-        "trees": booster.num_boosted_rounds(), "thresholds": scorer.thresholds,
-        "training": f"xgboost.spark.SparkXGBClassifier (num_workers={num_workers}) on {spark.sparkContext.master}",
-        "training_set": str(training), "valid_cutoff": str(cutoff),
-        "train": {"rows": tr["rows"], "positives": tr["pos"], "end": str(cutoff)},
-        "valid": {"rows": va["rows"], "positives": va["pos"], "start": str(cutoff)},
-        "metrics": {"valid": _headline(y_va, p_va), "test": _headline(y_te, scorer.proba(m_te))},
-        "libraries": library_versions(), "trained_at": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "train_seconds": round(time.perf_counter() - t0, 2)}
-    return scorer
-
+    test = _margins(spark.read.parquet(str(training)).filter(F.col("split") == "test"), booster, features)
+    return _scale_scorer(
+        booster, _margins(rows.filter("is_valid"), booster, features), test, c, cutoff, t0,
+        {**p, "n_estimators": num_boost_round},
+        f"xgboost.spark.SparkXGBClassifier (num_workers={num_workers}) on {spark.sparkContext.master}", training,
+        review_budget, decline_precision)
 
 # %% ../nbs/13_spark.ipynb #1d80f4c9
 def spark_build_batch_features(spark: SparkSession | None = None,  # default: spark_session()
