@@ -24,9 +24,9 @@ from .treeshap import TreeShap
 
 # %% auto #0
 __all__ = ['LABEL', 'SYNTHETIC_BASELINE', 'SYNTHETIC_FEATURES', 'SYNTHETIC_REFERENCE', 'DEFAULT_PARAMS', 'DEFAULT_GRID',
-           'DECISIONS', 'REASON_DTYPE', 'MODEL_FILE', 'META_FILE', 'synthetic_features', 'time_split', 'to_matrix',
-           'frame_fingerprint', 'library_versions', 'choose_thresholds', 'decide', 'contributions', 'top_reasons',
-           'reasons_series', 'Scorer', 'fit_calibration', 'train_model']
+           'DECISIONS', 'REASON_DTYPE', 'MODEL_FILE', 'META_FILE', 'synthetic_features', 'time_split', 'latest_labels',
+           'relabel', 'to_matrix', 'frame_fingerprint', 'library_versions', 'choose_thresholds', 'decide',
+           'contributions', 'top_reasons', 'reasons_series', 'Scorer', 'fit_calibration', 'train_model']
 
 # %% ../nbs/30_model.ipynb #a3b5877a
 LABEL = "is_fraud"  # the target column of every training frame
@@ -107,6 +107,31 @@ def time_split(df: pl.DataFrame,  # feature frame with a timestamp column
     if train.is_empty() or valid.is_empty():
         raise ValueError(f"time_split: cutoff {cutoff} leaves an empty side ({train.height} train, {valid.height} valid)")
     return train, valid
+
+# %% ../nbs/30_model.ipynb #7b1cca90
+def latest_labels(labels: pl.DataFrame | None,  # trans_num, is_fraud (or label), labelled_at (optional)
+                  as_of: datetime | None = None,  # ignore labels given after this time
+                  ) -> pl.DataFrame:
+    "The latest analyst label per trans_num, as (`trans_num`, `_label` Int8)."
+    if labels is None or labels.is_empty():
+        return pl.DataFrame(schema={"trans_num": pl.String, "_label": pl.Int8})
+    lab = labels.rename({"label": LABEL}) if "label" in labels.columns and LABEL not in labels.columns else labels
+    if "labelled_at" in lab.columns:
+        if as_of is not None:
+            lab = lab.filter(pl.col("labelled_at") <= as_of)
+        lab = lab.sort("labelled_at")
+    return lab.unique("trans_num", keep="last").select("trans_num", pl.col(LABEL).cast(pl.Int8).alias("_label"))
+
+def relabel(tx: pl.DataFrame | pl.LazyFrame,  # transactions with `trans_num` and `is_fraud`, eager or lazy
+            labels: pl.DataFrame | None,  # analyst labels (see `latest_labels`)
+            as_of: datetime | None = None,  # ignore labels given after this time
+            ) -> pl.DataFrame | pl.LazyFrame:
+    "`tx` with `is_fraud` overridden by the latest analyst label per trans_num (same rows, order and columns)."
+    if labels is None or labels.is_empty():
+        return tx
+    lab = latest_labels(labels, as_of)
+    return tx.join(lab.lazy() if isinstance(tx, pl.LazyFrame) else lab, on="trans_num", how="left",
+                   maintain_order="left").with_columns(pl.coalesce("_label", LABEL).alias(LABEL)).drop("_label")
 
 # %% ../nbs/30_model.ipynb #1db208a2
 DEFAULT_PARAMS: dict = {"objective": "binary:logistic", "tree_method": "hist", "eval_metric": ["aucpr", "logloss"],

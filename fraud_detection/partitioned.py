@@ -24,8 +24,9 @@ import xgboost as xgb
 from .core import get_settings
 from .features import (
     FEATURES, RISK_DAILY_SCHEMA, batch_features, daily_risk_counts, risk_from_daily, state_from_history)
-from .model import (
-    DEFAULT_PARAMS, LABEL, Scorer, choose_thresholds, fit_calibration, library_versions, to_matrix)
+from fraud_detection.model import (
+    DEFAULT_PARAMS, LABEL, Scorer, choose_thresholds, fit_calibration, latest_labels, library_versions, relabel,
+    to_matrix)
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +58,23 @@ def n_buckets(rows: int,  # transactions to process
 
 # %% ../nbs/12_partitioned.ipynb #7fb0cdee
 def scan_clean(sources: Sequence[Path],  # clean parquet files (ingest's train.parquet, test.parquet, ...)
+               labels: pl.DataFrame | None = None,  # analyst labels overriding is_fraud (see `model.relabel`)
                ) -> pl.LazyFrame:
-    "All clean transactions, lazily, with `split` = the file's stem."
+    "All clean transactions, lazily, with `split` = the file's stem (and analyst labels applied)."
     if not sources:
         raise FileNotFoundError("no clean parquet files given: run `fraud data ingest` first")
-    return pl.concat([pl.scan_parquet(p).with_columns(split=pl.lit(Path(p).stem)) for p in sources])
+    return relabel(pl.concat([pl.scan_parquet(p).with_columns(split=pl.lit(Path(p).stem)) for p in sources]), labels)
 
 def partition_clean(sources: Sequence[Path],  # clean parquet files
                     out: Path,  # folder to (re)create with bucket=k/ sub-folders
                     buckets: int,  # number of buckets
+                    labels: pl.DataFrame | None = None,  # analyst labels overriding is_fraud
                     ) -> list[Path]:
     "Split clean transactions by customer bucket with the streaming engine; the non-empty bucket folders."
     out = Path(out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    scan_clean(sources).with_columns(bucket_expr(buckets).alias(BUCKET)) \
+    scan_clean(sources, labels).with_columns(bucket_expr(buckets).alias(BUCKET)) \
         .sink_parquet(pl.PartitionBy(out, key=BUCKET, include_key=False), engine="streaming", mkdir=True)
     return sorted(out.glob(f"{BUCKET}=*"), key=lambda p: int(p.name.split("=")[1]))
 
@@ -136,22 +139,24 @@ def build_training_set(sources: Sequence[Path],  # clean parquet files (train.pa
                        label_delay_days: int,  # entity-risk label delay
                        rows_per_bucket: int = ROWS_PER_BUCKET,  # bucket size (memory per step)
                        progress: Callable[[str], None] = lambda s: None,  # called with each stage's name
+                       labels: pl.DataFrame | None = None,  # analyst labels overriding is_fraud (see `model.relabel`)
                        ) -> dict:
-    "Point-in-time feature rows of all `sources` (+ `split`), bucket by bucket; the manifest."
+    "Point-in-time feature rows of all `sources` (+ `split`, analyst labels applied), bucket by bucket; the manifest."
     t0, out = time.perf_counter(), Path(out)
     rows = scan_clean(sources).select(pl.len()).collect(engine="streaming").item()
     buckets = n_buckets(rows, rows_per_bucket)
     scratch = out.with_name(f".{out.name}.parts-{uuid.uuid4().hex[:8]}")
     try:
         progress(f"splitting {rows:,} transactions into {buckets} customer buckets")
-        parts = partition_clean(sources, scratch, buckets)
+        parts = partition_clean(sources, scratch, buckets, labels)
         progress("entity risk (merchant, category, zip) from daily counts")
-        risk = risk_from_daily(daily_counts(scan_clean(sources)), label_delay_days)
+        risk = risk_from_daily(daily_counts(scan_clean(sources, labels)), label_delay_days)
         files = bucketed_features(parts, risk, out, lambda i, n: progress(f"features: bucket {i}/{n}"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     manifest = {"rows": rows, "buckets": buckets, "files": [f.name for f in files], "sources": [str(s) for s in sources],
-                "label_delay_days": label_delay_days, "built_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+                "label_delay_days": label_delay_days, "analyst_labels": latest_labels(labels).height,
+                "built_at": datetime.now().astimezone().isoformat(timespec="seconds"),
                 "seconds": round(time.perf_counter() - t0, 2)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -360,6 +365,7 @@ def train_at_scale(engine: str,  # "external" (this machine, bounded memory) or 
                    label_delay_days: int | None = None,  # default: settings.label_delay_days
                    num_boost_round: int = 1000,  # maximum trees
                    echo: Callable[[str], None] = print,  # progress messages
+                   labels: pl.DataFrame | None = None,  # analyst labels overriding is_fraud (see `model.relabel`)
                    ) -> dict:
     "Training set → model → registry + gate, on one machine in bounded memory or on Spark."
     s = get_settings()
@@ -368,14 +374,14 @@ def train_at_scale(engine: str,  # "external" (this machine, bounded memory) or 
     out = Path(out or s.data / "training")
     delay = s.label_delay_days if label_delay_days is None else label_delay_days
     if engine == "external":
-        manifest = build_training_set(sources, out, delay, progress=echo)
+        manifest = build_training_set(sources, out, delay, progress=echo, labels=labels)
         echo(f"training set: {manifest['rows']:,} rows in {manifest['buckets']} buckets → {out}; training from disk")
         scorer = train_external(out, FEATURES, num_boost_round=num_boost_round)
     elif engine == "spark":
         from fraud_detection.spark import spark_session, spark_train, spark_training_set
         spark = spark_session()
         try:
-            manifest = spark_training_set(spark, sources, out, delay)
+            manifest = spark_training_set(spark, sources, out, delay, labels=labels)
             echo(f"training set on {manifest['master']}: {manifest['rows']:,} rows → {out}; SparkXGBClassifier")
             scorer = spark_train(spark, out, FEATURES, num_boost_round=num_boost_round)
         finally:

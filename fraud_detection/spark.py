@@ -28,7 +28,7 @@ from .core import clean_schema, get_settings
 from fraud_detection.features import (
     FEATURE_SCHEMA, FEATURES, RISK_DAILY_SCHEMA, RISK_ENTITIES, STATE_SCHEMA, batch_features, risk_from_daily,
     state_from_history)
-from .model import LABEL, Scorer, to_matrix
+from .model import LABEL, Scorer, latest_labels, to_matrix
 from .partitioned import (
     BUCKET, BUCKET_HEX, MANIFEST, ROWS_PER_BUCKET, _scale_scorer, n_buckets)
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 # %% auto #0
 __all__ = ['SparkUnavailable', 'java_major', 'require_spark', 'LocalCluster', 'spark_session', 'spark_schema', 'to_spark_arrow',
            'bucket_column', 'read_clean', 'spark_daily_risk_counts', 'spark_merchant_risk', 'spark_features',
-           'spark_training_set', 'spark_customer_state', 'spark_train', 'spark_build_batch_features']
+           'spark_relabel', 'spark_training_set', 'spark_customer_state', 'spark_train', 'spark_build_batch_features']
 
 # %% ../nbs/13_spark.ipynb #086c482d
 class SparkUnavailable(RuntimeError):
@@ -273,21 +273,35 @@ def spark_features(tx: DataFrame,  # clean transactions (Spark), any partitionin
         return to_spark_arrow(feats, schema)
     return tx.withColumn(BUCKET, bucket_column(buckets)).groupBy(BUCKET).applyInArrow(per_bucket, spark_schema(schema))
 
+def spark_relabel(tx: DataFrame,  # clean transactions (Spark) with `trans_num` and `is_fraud`
+                  labels: pl.DataFrame | None,  # analyst labels (see `model.latest_labels`)
+                  as_of: datetime | None = None,  # ignore labels given after this time
+                  ) -> DataFrame:
+    "`model.relabel` on Spark: `is_fraud` overridden by the latest analyst label per trans_num (same columns)."
+    from pyspark.sql import functions as F
+    if labels is None or labels.is_empty():
+        return tx
+    lab = tx.sparkSession.createDataFrame(latest_labels(labels, as_of).rows(), "trans_num string, _label tinyint")
+    label = F.coalesce("_label", LABEL).cast(tx.schema[LABEL].dataType).alias(LABEL)
+    return tx.join(F.broadcast(lab), "trans_num", "left").select(*(label if c == LABEL else c for c in tx.columns))
+
 def spark_training_set(spark: SparkSession,  # from spark_session
                        sources: Sequence[str | Path],  # clean parquet files (shared storage on a cluster)
                        out: str | Path,  # training-set folder Spark writes (overwritten)
                        label_delay_days: int,  # entity-risk label delay
                        rows_per_bucket: int = ROWS_PER_BUCKET,  # rows per applyInArrow group
+                       labels: pl.DataFrame | None = None,  # analyst labels overriding is_fraud (see `spark_relabel`)
                        ) -> dict:
-    "Point-in-time feature rows of all `sources` (+ `split`) written by Spark as parquet; the manifest."
+    "Point-in-time feature rows of all `sources` (+ `split`, analyst labels applied) written by Spark as parquet; the manifest."
     t0 = time.perf_counter()
-    tx = read_clean(spark, sources)
+    tx = spark_relabel(read_clean(spark, sources), labels)
     rows = tx.count()
     buckets = n_buckets(rows, rows_per_bucket)
     risk = spark_merchant_risk(tx, label_delay_days)
     spark_features(tx, risk, buckets).write.mode("overwrite").parquet(str(out))
     manifest = {"rows": rows, "buckets": buckets, "engine": "spark", "master": spark.sparkContext.master,
                 "sources": [str(s) for s in sources], "label_delay_days": label_delay_days,
+                "analyst_labels": latest_labels(labels).height,
                 "built_at": datetime.now().astimezone().isoformat(timespec="seconds"),
                 "seconds": round(time.perf_counter() - t0, 2)}
     if not str(out).startswith(("s3", "hdfs", "gs", "abfs")):

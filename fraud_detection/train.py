@@ -19,7 +19,7 @@ from .evaluate import ablation, evaluate_scorer, plot_ablation, report_text, sum
 from fraud_detection.features import (
     BASELINE_FEATURES, FEATURE_GROUPS, FEATURES, REFERENCE_FEATURES, batch_features, merchant_risk_table,
 )
-from .model import DEFAULT_GRID, LABEL, Scorer, time_split, train_model
+from .model import DEFAULT_GRID, LABEL, Scorer, relabel, time_split, train_model
 
 # %% auto #0
 __all__ = ['REFERENCE_ROWS', 'apply_labels', 'load_clean', 'build_datasets', 'TrainResult', 'train_pipeline']
@@ -29,18 +29,11 @@ def apply_labels(tx: pl.DataFrame,  # transactions with `trans_num` and `is_frau
                  labels: pl.DataFrame | None,  # trans_num, is_fraud (or label), labelled_at (optional)
                  as_of: datetime | None = None,  # ignore labels given after this time
                 ) -> tuple[pl.DataFrame, int]:
-    "`tx` with `is_fraud` overridden by the latest analyst label per trans_num; and how many rows changed."
+    "`tx` with `is_fraud` overridden by the latest analyst label per trans_num (`model.relabel`); and how many rows changed."
     if labels is None or labels.is_empty():
         return tx, 0
-    lab = labels.rename({"label": LABEL}) if "label" in labels.columns and LABEL not in labels.columns else labels
-    if "labelled_at" in lab.columns:
-        if as_of is not None:
-            lab = lab.filter(pl.col("labelled_at") <= as_of)
-        lab = lab.sort("labelled_at")
-    lab = lab.unique("trans_num", keep="last").select("trans_num", pl.col(LABEL).cast(pl.Int8).alias("_label"))
-    out = tx.join(lab, on="trans_num", how="left", maintain_order="left")
-    changed = int((out["_label"].is_not_null() & (out["_label"] != out[LABEL])).sum())
-    return out.with_columns(pl.coalesce("_label", LABEL).alias(LABEL)).drop("_label"), changed
+    out = relabel(tx, labels, as_of)
+    return out, int((out[LABEL] != tx[LABEL]).sum())
 
 # %% ../nbs/33_train.ipynb #2528cb42
 def load_clean(clean_dir: Path | None = None,  # folder with train.parquet and test.parquet (default: settings.data/clean)
