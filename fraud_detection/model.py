@@ -260,8 +260,8 @@ def reasons_series(contribs: np.ndarray,  # SHAP values of the explained rows (m
 # %% ../nbs/30_model.ipynb #d0da496c
 MODEL_FILE, META_FILE = "model.ubj", "meta.json"  # a model directory: XGBoost UBJSON + its meta
 
-class Scorer:
-    "A model ready to score: booster + meta (features, thresholds, calibration, version)."
+class _ScorerBase:
+    "A booster + its meta (features, thresholds, calibration, version): loading, saving, calibrated probabilities."
     def __init__(self, booster: xgb.Booster,  # trained model
                  meta: dict,  # needs `features`, `thresholds`; optional `calibration`, `version`
                  nthread: int = 1,  # booster threads at prediction time
@@ -304,6 +304,30 @@ class Scorer:
         "Fraud probability of each row of a feature frame."
         return self.proba(self.margin(self.matrix(df)))
 
+# %% ../nbs/30_model.ipynb #2feb8323
+def _scored(sc: _ScorerBase,  # the model
+            X: np.ndarray,  # its input matrix
+            explain: bool | Literal["flagged"],  # SHAP values for all rows, none, or the non-approved ones
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    "(probabilities, decisions, indices of the explained rows, their SHAP values) of an input matrix."
+    n = len(X)
+    contribs = np.empty((0, len(sc.features) + 1))
+    if explain is True and n:  # one DMatrix for margin and SHAP (same margins as inplace_predict, bit for bit)
+        dm = xgb.DMatrix(X, missing=np.nan, nthread=sc.nthread)
+        margin = sc.booster.predict(dm, output_margin=True, validate_features=False)
+        contribs = sc.booster.predict(dm, pred_contribs=True, validate_features=False)
+    else:
+        margin = sc.margin(X)
+    p = sc.proba(margin)
+    d = decide(p, sc.thresholds)
+    rows = np.arange(n) if explain is True else np.flatnonzero(d != "approve") if explain == "flagged" else np.arange(0)
+    if explain == "flagged" and len(rows):
+        contribs = contributions(sc.booster, X[rows], sc.nthread)
+    return p, d, rows, contribs
+
+# %% ../nbs/30_model.ipynb #3f1c09d1
+class Scorer(_ScorerBase):
+    "A model ready to score: booster + meta (features, thresholds, calibration, version)."
     def score(self, features: pl.DataFrame,  # feature rows (any extra columns are ignored; `trans_num` is kept)
               explain: bool | Literal["flagged"] = True,  # reasons for all rows, none, or non-approved rows only
               top_k: int = 3,  # reasons per row
@@ -311,7 +335,7 @@ class Scorer:
         "Score feature rows: trans_num?, fraud_probability, decision, reasons (list of structs), model_version."
         X = self.matrix(features)
         n = len(X)
-        p, d, rows, contribs = self._scored(X, explain)
+        p, d, rows, contribs = _scored(self, X, explain)
         cols = [pl.Series("fraud_probability", p, dtype=pl.Float64), pl.Series("decision", d.tolist(), dtype=pl.String),
                 reasons_series(contribs, X, rows, self.features, top_k),
                 pl.Series("model_version", [self.version] * n, dtype=pl.String)]
@@ -335,7 +359,7 @@ class Scorer:
         X = np.array([[features[f] for f in self.features]], dtype=np.float64)  # None → NaN (missing)
         ts = self.row_explainer
         if ts is None:
-            p, d, rows, contribs = self._scored(X, explain)
+            p, d, rows, contribs = _scored(self, X, explain)
             reasons = top_reasons(contribs, X, self.features, top_k)[0] if len(rows) else []
         else:
             margin, phi = ts.explain(X[0]) if explain is True else (ts.margin(X[0]), None)
@@ -346,24 +370,6 @@ class Scorer:
             reasons = top_reasons(phi[None, :], X, self.features, top_k)[0] if phi is not None else []
         return {"fraud_probability": float(p[0]), "decision": d[0],
                 "model_version": self.version, "reasons": reasons}
-
-    def _scored(self, X: np.ndarray, explain: bool | Literal["flagged"],
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        "(probabilities, decisions, indices of the explained rows, their SHAP values) of an input matrix."
-        n = len(X)
-        contribs = np.empty((0, len(self.features) + 1))
-        if explain is True and n:  # one DMatrix for margin and SHAP (same margins as inplace_predict, bit for bit)
-            dm = xgb.DMatrix(X, missing=np.nan, nthread=self.nthread)
-            margin = self.booster.predict(dm, output_margin=True, validate_features=False)
-            contribs = self.booster.predict(dm, pred_contribs=True, validate_features=False)
-        else:
-            margin = self.margin(X)
-        p = self.proba(margin)
-        d = decide(p, self.thresholds)
-        rows = np.arange(n) if explain is True else np.flatnonzero(d != "approve") if explain == "flagged" else np.arange(0)
-        if explain == "flagged" and len(rows):
-            contribs = contributions(self.booster, X[rows], self.nthread)
-        return p, d, rows, contribs
 
 # %% ../nbs/30_model.ipynb #4591c2c1
 def fit_calibration(margin: np.ndarray,  # raw validation margins
@@ -379,6 +385,30 @@ def _window(df: pl.DataFrame, ts_col: str = "ts") -> dict:
     return {"start": str(df[ts_col].min()), "end": str(df[ts_col].max()), "rows": df.height,
             "positives": int(df[LABEL].sum())}
 
+def _search(dtr: xgb.QuantileDMatrix,  # training matrix
+            dva: xgb.QuantileDMatrix,  # validation matrix
+            base: dict,  # parameters of every combination
+            grid: list[dict] | None,  # combinations tried on top of `base` (None: just base)
+            num_boost_round: int,  # maximum trees
+            early_stopping_rounds: int,  # on validation log-loss
+            ) -> tuple[list[dict], list[xgb.Booster]]:
+    "One early-stopped booster per grid combination, and what each one scored on validation."
+    search, boosters = [], []
+    for combo in grid or [{}]:
+        t = time.perf_counter()
+        p = {**base, **combo}
+        ev: dict = {}
+        b = xgb.train(p, dtr, num_boost_round, evals=[(dva, "valid")], early_stopping_rounds=early_stopping_rounds,
+                      evals_result=ev, verbose_eval=False)  # stops on the last eval_metric (log-loss)
+        n_trees = b.best_iteration + 1
+        boosters.append(b[:n_trees])
+        search.append({"params": combo, "valid_aucpr": float(ev["valid"]["aucpr"][n_trees - 1]),
+                       "valid_logloss": float(ev["valid"]["logloss"][n_trees - 1]), "trees": n_trees,
+                       "rounds_run": len(ev["valid"]["logloss"]),
+                       "shap_cost": _shap_cost(n_trees, p["max_depth"]), "seconds": round(time.perf_counter() - t, 2)})
+    return search, boosters
+
+# %% ../nbs/30_model.ipynb #fd219574
 def train_model(train: pl.DataFrame,  # training rows (features + `is_fraud` + `ts`)
                 valid: pl.DataFrame,  # later validation rows: early stopping, model choice, thresholds
                 features: list[str],  # model inputs, in order
@@ -404,19 +434,7 @@ def train_model(train: pl.DataFrame,  # training rows (features + `is_fraud` + `
                               max_bin=base["max_bin"], nthread=nthread)
     dva = xgb.QuantileDMatrix(to_matrix(valid, features), yva, feature_names=features, missing=np.nan, ref=dtr,
                               max_bin=base["max_bin"], nthread=nthread)
-    search, boosters = [], []
-    for combo in grid or [{}]:
-        t = time.perf_counter()
-        p = {**base, **combo}
-        ev: dict = {}
-        b = xgb.train(p, dtr, num_boost_round, evals=[(dva, "valid")], early_stopping_rounds=early_stopping_rounds,
-                      evals_result=ev, verbose_eval=False)  # stops on the last eval_metric (log-loss)
-        n_trees = b.best_iteration + 1
-        boosters.append(b[:n_trees])
-        search.append({"params": combo, "valid_aucpr": float(ev["valid"]["aucpr"][n_trees - 1]),
-                       "valid_logloss": float(ev["valid"]["logloss"][n_trees - 1]), "trees": n_trees,
-                       "rounds_run": len(ev["valid"]["logloss"]),
-                       "shap_cost": _shap_cost(n_trees, p["max_depth"]), "seconds": round(time.perf_counter() - t, 2)})
+    search, boosters = _search(dtr, dva, base, grid, num_boost_round, early_stopping_rounds)
     best = max(s["valid_aucpr"] for s in search)
     pick = min((i for i, s in enumerate(search) if s["valid_aucpr"] >= best - tolerance), key=lambda i: search[i]["shap_cost"])
     booster = boosters[pick]
