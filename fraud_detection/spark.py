@@ -79,6 +79,32 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+def _spark_class(log_dir: Path,  # where `name`.log goes (and Spark's own logs)
+                 name: str,  # the process's name in its log file
+                 *args: str,  # `spark-class` arguments: the main class and its options
+                 ) -> subprocess.Popen:
+    "`spark-class *args` of the installed pyspark as a child in a session (process group) of its own."
+    home = require_spark()
+    env = {**os.environ, "SPARK_HOME": str(home), "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable),
+           "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(log_dir), "SPARK_NO_DAEMONIZE": "1"}
+    with open(log_dir / f"{name}.log", "ab") as log:  # the child keeps its own handle
+        return subprocess.Popen([str(home / "bin" / "spark-class"), *args], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+def _stop_groups(procs: list[subprocess.Popen]) -> None:
+    "Stop children and their process groups, last started first (SIGTERM, SIGKILL after 20 s)."
+    import signal
+    for p in reversed(procs):
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in reversed(procs):
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+
+# %% ../nbs/13_spark.ipynb #38741c54
 class LocalCluster:
     "A Spark standalone master and workers on 127.0.0.1, as child processes; a context manager."
     def __init__(self, n_workers: int = 2,  # worker processes
@@ -96,12 +122,7 @@ class LocalCluster:
     def master_url(self) -> str: return f"spark://127.0.0.1:{self.port}"
 
     def _spawn(self, name: str, *args: str) -> None:
-        home = require_spark()
-        env = {**os.environ, "SPARK_HOME": str(home), "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable),
-               "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(self.work_dir), "SPARK_NO_DAEMONIZE": "1"}
-        with open(self.work_dir / f"{name}.log", "ab") as log:  # the child keeps its own handle
-            self.procs.append(subprocess.Popen([str(home / "bin" / "spark-class"), *args], env=env, stdout=log,
-                                               stderr=subprocess.STDOUT, start_new_session=True))
+        self.procs.append(_spark_class(self.work_dir, name, *args))
 
     def alive_workers(self) -> int:
         "Workers the master lists as alive (0 if its status page does not answer)."
@@ -133,21 +154,11 @@ class LocalCluster:
 
     def stop(self) -> None:
         "Stop workers and master (SIGTERM to their process groups, SIGKILL after 20 s)."
-        import signal
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in reversed(self.procs):
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
+        _stop_groups(self.procs)
         self.procs.clear()
 
     def __enter__(self) -> LocalCluster: return self.start()
     def __exit__(self, *exc) -> None: self.stop()
-
 
 # %% ../nbs/13_spark.ipynb #30e9998e
 def _package_zip(dest: Path) -> Path:
@@ -341,6 +352,7 @@ def _margins(df: DataFrame,  # feature rows (Spark)
     out = pl.from_arrow(df.select(*features, LABEL).mapInArrow(score, "y int, m double").toArrow())
     return out["y"].to_numpy(), out["m"].to_numpy()
 
+# %% ../nbs/13_spark.ipynb #cf6150f8
 def spark_train(spark: SparkSession,  # from spark_session
                 training: str | Path,  # spark_training_set's folder (or any parquet of feature rows + split)
                 features: list[str] = FEATURES,  # model inputs, in order
