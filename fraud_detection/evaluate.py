@@ -19,7 +19,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from .model import LABEL, Scorer, contributions, train_model
 
 # %% auto #0
-__all__ = ['HEADLINE', 'BARS', 'PLOTS', 'card_precision_at_k', 'metrics', 'evaluate_scorer', 'plot_pr', 'calibration_table',
+__all__ = ['HEADLINE', 'BARS', 'PLOTS', 'metrics', 'card_precision_at_k', 'evaluate_scorer', 'plot_pr', 'calibration_table',
            'plot_calibration', 'shap_values', 'shap_importance', 'plot_shap_summary', 'compare_models', 'report_text',
            'plot_headline', 'write_report', 'summary_table', 'ablation', 'plot_ablation', 'time_calls', 'shap_latency']
 
@@ -38,19 +38,6 @@ def _at(y: np.ndarray, flagged: np.ndarray, threshold: float | None, amt: np.nda
         caught = float(amt[flagged & (y == 1)].sum())
         out |= {"fraud_amount_caught": caught, "fraud_amount_share": caught / total if total else 0.0}
     return out
-
-def card_precision_at_k(cards: np.ndarray,  # card (customer_id) of each row
-                        days: np.ndarray,  # calendar day of each row
-                        y: np.ndarray,  # labels (0/1)
-                        p: np.ndarray,  # fraud scores
-                        k: int = 100,  # cards an analyst team can check per day
-                       ) -> float:
-    "Card precision@k per day (the Fraud Detection Handbook's): per day, the share of the k cards with the highest max score that had a fraud that day; mean over days."
-    per_card = pl.DataFrame({"day": days, "card": cards, "y": np.asarray(y), "p": np.asarray(p, dtype=np.float64)}) \
-        .group_by("day", "card").agg(pl.col("p").max(), pl.col("y").max())
-    top = per_card.sort("p", "card", descending=[True, False]).group_by("day", maintain_order=True).head(k)
-    hits = top.group_by("day").agg(pl.col("y").sum()).sort("day")["y"].to_numpy()  # sorted: a deterministic mean
-    return float(np.mean(hits / k))
 
 def metrics(y: np.ndarray,  # labels (0/1)
             p: np.ndarray,  # fraud probabilities
@@ -83,6 +70,20 @@ def metrics(y: np.ndarray,  # labels (0/1)
         out["decisions"] = {"approve": int((~flag_review).sum()), "review": int((flag_review & ~flag_decline).sum()),
                             "decline": int(flag_decline.sum())}
     return out
+
+# %% ../nbs/32_evaluate.ipynb #67458d4e
+def card_precision_at_k(cards: np.ndarray,  # card (customer_id) of each row
+                        days: np.ndarray,  # calendar day of each row
+                        y: np.ndarray,  # labels (0/1)
+                        p: np.ndarray,  # fraud scores
+                        k: int = 100,  # cards an analyst team can check per day
+                       ) -> float:
+    "Card precision@k per day (the Fraud Detection Handbook's): per day, the share of the k cards with the highest max score that had a fraud that day; mean over days."
+    per_card = pl.DataFrame({"day": days, "card": cards, "y": np.asarray(y), "p": np.asarray(p, dtype=np.float64)}) \
+        .group_by("day", "card").agg(pl.col("p").max(), pl.col("y").max())
+    top = per_card.sort("p", "card", descending=[True, False]).group_by("day", maintain_order=True).head(k)
+    hits = top.group_by("day").agg(pl.col("y").sum()).sort("day")["y"].to_numpy()  # sorted: a deterministic mean
+    return float(np.mean(hits / k))
 
 def evaluate_scorer(scorer: Scorer,  # model to evaluate
                     df: pl.DataFrame,  # labelled feature rows (with `amt` for amounts)
@@ -123,6 +124,7 @@ def plot_pr(scored: dict[str, tuple[np.ndarray, np.ndarray, dict]],  # name -> (
     fig.tight_layout()
     return fig
 
+# %% ../nbs/32_evaluate.ipynb #21e5a9c0
 def calibration_table(y: np.ndarray,  # labels
                       p: np.ndarray,  # fraud probabilities
                       n_bins: int = 12,  # log-spaced bins from `lo` to 1
@@ -152,6 +154,7 @@ def plot_calibration(scored: dict[str, tuple[np.ndarray, np.ndarray, dict]],  # 
     fig.tight_layout()
     return fig
 
+# %% ../nbs/32_evaluate.ipynb #7276cba9
 def shap_values(scorer: Scorer,  # model to explain
                 df: pl.DataFrame,  # feature rows
                 n: int = 1000,  # rows sampled (TreeSHAP costs ~1 ms per row)

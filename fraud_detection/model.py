@@ -24,9 +24,9 @@ from .treeshap import TreeShap
 
 # %% auto #0
 __all__ = ['LABEL', 'SYNTHETIC_BASELINE', 'SYNTHETIC_FEATURES', 'SYNTHETIC_REFERENCE', 'DEFAULT_PARAMS', 'DEFAULT_GRID',
-           'DECISIONS', 'REASON_DTYPE', 'MODEL_FILE', 'META_FILE', 'synthetic_features', 'time_split', 'to_matrix',
-           'frame_fingerprint', 'library_versions', 'choose_thresholds', 'decide', 'contributions', 'top_reasons',
-           'reasons_series', 'Scorer', 'fit_calibration', 'train_model']
+           'DECISIONS', 'REASON_DTYPE', 'MODEL_FILE', 'META_FILE', 'synthetic_features', 'time_split', 'latest_labels',
+           'relabel', 'to_matrix', 'frame_fingerprint', 'library_versions', 'choose_thresholds', 'decide',
+           'contributions', 'top_reasons', 'reasons_series', 'Scorer', 'fit_calibration', 'train_model']
 
 # %% ../nbs/30_model.ipynb #a3b5877a
 LABEL = "is_fraud"  # the target column of every training frame
@@ -107,6 +107,31 @@ def time_split(df: pl.DataFrame,  # feature frame with a timestamp column
     if train.is_empty() or valid.is_empty():
         raise ValueError(f"time_split: cutoff {cutoff} leaves an empty side ({train.height} train, {valid.height} valid)")
     return train, valid
+
+# %% ../nbs/30_model.ipynb #7b1cca90
+def latest_labels(labels: pl.DataFrame | None,  # trans_num, is_fraud (or label), labelled_at (optional)
+                  as_of: datetime | None = None,  # ignore labels given after this time
+                  ) -> pl.DataFrame:
+    "The latest analyst label per trans_num, as (`trans_num`, `_label` Int8)."
+    if labels is None or labels.is_empty():
+        return pl.DataFrame(schema={"trans_num": pl.String, "_label": pl.Int8})
+    lab = labels.rename({"label": LABEL}) if "label" in labels.columns and LABEL not in labels.columns else labels
+    if "labelled_at" in lab.columns:
+        if as_of is not None:
+            lab = lab.filter(pl.col("labelled_at") <= as_of)
+        lab = lab.sort("labelled_at")
+    return lab.unique("trans_num", keep="last").select("trans_num", pl.col(LABEL).cast(pl.Int8).alias("_label"))
+
+def relabel(tx: pl.DataFrame | pl.LazyFrame,  # transactions with `trans_num` and `is_fraud`, eager or lazy
+            labels: pl.DataFrame | None,  # analyst labels (see `latest_labels`)
+            as_of: datetime | None = None,  # ignore labels given after this time
+            ) -> pl.DataFrame | pl.LazyFrame:
+    "`tx` with `is_fraud` overridden by the latest analyst label per trans_num (same rows, order and columns)."
+    if labels is None or labels.is_empty():
+        return tx
+    lab = latest_labels(labels, as_of)
+    return tx.join(lab.lazy() if isinstance(tx, pl.LazyFrame) else lab, on="trans_num", how="left",
+                   maintain_order="left").with_columns(pl.coalesce("_label", LABEL).alias(LABEL)).drop("_label")
 
 # %% ../nbs/30_model.ipynb #1db208a2
 DEFAULT_PARAMS: dict = {"objective": "binary:logistic", "tree_method": "hist", "eval_metric": ["aucpr", "logloss"],
@@ -235,8 +260,8 @@ def reasons_series(contribs: np.ndarray,  # SHAP values of the explained rows (m
 # %% ../nbs/30_model.ipynb #d0da496c
 MODEL_FILE, META_FILE = "model.ubj", "meta.json"  # a model directory: XGBoost UBJSON + its meta
 
-class Scorer:
-    "A model ready to score: booster + meta (features, thresholds, calibration, version)."
+class _ScorerBase:
+    "A booster + its meta (features, thresholds, calibration, version): loading, saving, calibrated probabilities."
     def __init__(self, booster: xgb.Booster,  # trained model
                  meta: dict,  # needs `features`, `thresholds`; optional `calibration`, `version`
                  nthread: int = 1,  # booster threads at prediction time
@@ -279,6 +304,30 @@ class Scorer:
         "Fraud probability of each row of a feature frame."
         return self.proba(self.margin(self.matrix(df)))
 
+# %% ../nbs/30_model.ipynb #2feb8323
+def _scored(sc: _ScorerBase,  # the model
+            X: np.ndarray,  # its input matrix
+            explain: bool | Literal["flagged"],  # SHAP values for all rows, none, or the non-approved ones
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    "(probabilities, decisions, indices of the explained rows, their SHAP values) of an input matrix."
+    n = len(X)
+    contribs = np.empty((0, len(sc.features) + 1))
+    if explain is True and n:  # one DMatrix for margin and SHAP (same margins as inplace_predict, bit for bit)
+        dm = xgb.DMatrix(X, missing=np.nan, nthread=sc.nthread)
+        margin = sc.booster.predict(dm, output_margin=True, validate_features=False)
+        contribs = sc.booster.predict(dm, pred_contribs=True, validate_features=False)
+    else:
+        margin = sc.margin(X)
+    p = sc.proba(margin)
+    d = decide(p, sc.thresholds)
+    rows = np.arange(n) if explain is True else np.flatnonzero(d != "approve") if explain == "flagged" else np.arange(0)
+    if explain == "flagged" and len(rows):
+        contribs = contributions(sc.booster, X[rows], sc.nthread)
+    return p, d, rows, contribs
+
+# %% ../nbs/30_model.ipynb #3f1c09d1
+class Scorer(_ScorerBase):
+    "A model ready to score: booster + meta (features, thresholds, calibration, version)."
     def score(self, features: pl.DataFrame,  # feature rows (any extra columns are ignored; `trans_num` is kept)
               explain: bool | Literal["flagged"] = True,  # reasons for all rows, none, or non-approved rows only
               top_k: int = 3,  # reasons per row
@@ -286,7 +335,7 @@ class Scorer:
         "Score feature rows: trans_num?, fraud_probability, decision, reasons (list of structs), model_version."
         X = self.matrix(features)
         n = len(X)
-        p, d, rows, contribs = self._scored(X, explain)
+        p, d, rows, contribs = _scored(self, X, explain)
         cols = [pl.Series("fraud_probability", p, dtype=pl.Float64), pl.Series("decision", d.tolist(), dtype=pl.String),
                 reasons_series(contribs, X, rows, self.features, top_k),
                 pl.Series("model_version", [self.version] * n, dtype=pl.String)]
@@ -310,7 +359,7 @@ class Scorer:
         X = np.array([[features[f] for f in self.features]], dtype=np.float64)  # None → NaN (missing)
         ts = self.row_explainer
         if ts is None:
-            p, d, rows, contribs = self._scored(X, explain)
+            p, d, rows, contribs = _scored(self, X, explain)
             reasons = top_reasons(contribs, X, self.features, top_k)[0] if len(rows) else []
         else:
             margin, phi = ts.explain(X[0]) if explain is True else (ts.margin(X[0]), None)
@@ -321,24 +370,6 @@ class Scorer:
             reasons = top_reasons(phi[None, :], X, self.features, top_k)[0] if phi is not None else []
         return {"fraud_probability": float(p[0]), "decision": d[0],
                 "model_version": self.version, "reasons": reasons}
-
-    def _scored(self, X: np.ndarray, explain: bool | Literal["flagged"],
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        "(probabilities, decisions, indices of the explained rows, their SHAP values) of an input matrix."
-        n = len(X)
-        contribs = np.empty((0, len(self.features) + 1))
-        if explain is True and n:  # one DMatrix for margin and SHAP (same margins as inplace_predict, bit for bit)
-            dm = xgb.DMatrix(X, missing=np.nan, nthread=self.nthread)
-            margin = self.booster.predict(dm, output_margin=True, validate_features=False)
-            contribs = self.booster.predict(dm, pred_contribs=True, validate_features=False)
-        else:
-            margin = self.margin(X)
-        p = self.proba(margin)
-        d = decide(p, self.thresholds)
-        rows = np.arange(n) if explain is True else np.flatnonzero(d != "approve") if explain == "flagged" else np.arange(0)
-        if explain == "flagged" and len(rows):
-            contribs = contributions(self.booster, X[rows], self.nthread)
-        return p, d, rows, contribs
 
 # %% ../nbs/30_model.ipynb #4591c2c1
 def fit_calibration(margin: np.ndarray,  # raw validation margins
@@ -354,6 +385,30 @@ def _window(df: pl.DataFrame, ts_col: str = "ts") -> dict:
     return {"start": str(df[ts_col].min()), "end": str(df[ts_col].max()), "rows": df.height,
             "positives": int(df[LABEL].sum())}
 
+def _search(dtr: xgb.QuantileDMatrix,  # training matrix
+            dva: xgb.QuantileDMatrix,  # validation matrix
+            base: dict,  # parameters of every combination
+            grid: list[dict] | None,  # combinations tried on top of `base` (None: just base)
+            num_boost_round: int,  # maximum trees
+            early_stopping_rounds: int,  # on validation log-loss
+            ) -> tuple[list[dict], list[xgb.Booster]]:
+    "One early-stopped booster per grid combination, and what each one scored on validation."
+    search, boosters = [], []
+    for combo in grid or [{}]:
+        t = time.perf_counter()
+        p = {**base, **combo}
+        ev: dict = {}
+        b = xgb.train(p, dtr, num_boost_round, evals=[(dva, "valid")], early_stopping_rounds=early_stopping_rounds,
+                      evals_result=ev, verbose_eval=False)  # stops on the last eval_metric (log-loss)
+        n_trees = b.best_iteration + 1
+        boosters.append(b[:n_trees])
+        search.append({"params": combo, "valid_aucpr": float(ev["valid"]["aucpr"][n_trees - 1]),
+                       "valid_logloss": float(ev["valid"]["logloss"][n_trees - 1]), "trees": n_trees,
+                       "rounds_run": len(ev["valid"]["logloss"]),
+                       "shap_cost": _shap_cost(n_trees, p["max_depth"]), "seconds": round(time.perf_counter() - t, 2)})
+    return search, boosters
+
+# %% ../nbs/30_model.ipynb #fd219574
 def train_model(train: pl.DataFrame,  # training rows (features + `is_fraud` + `ts`)
                 valid: pl.DataFrame,  # later validation rows: early stopping, model choice, thresholds
                 features: list[str],  # model inputs, in order
@@ -379,19 +434,7 @@ def train_model(train: pl.DataFrame,  # training rows (features + `is_fraud` + `
                               max_bin=base["max_bin"], nthread=nthread)
     dva = xgb.QuantileDMatrix(to_matrix(valid, features), yva, feature_names=features, missing=np.nan, ref=dtr,
                               max_bin=base["max_bin"], nthread=nthread)
-    search, boosters = [], []
-    for combo in grid or [{}]:
-        t = time.perf_counter()
-        p = {**base, **combo}
-        ev: dict = {}
-        b = xgb.train(p, dtr, num_boost_round, evals=[(dva, "valid")], early_stopping_rounds=early_stopping_rounds,
-                      evals_result=ev, verbose_eval=False)  # stops on the last eval_metric (log-loss)
-        n_trees = b.best_iteration + 1
-        boosters.append(b[:n_trees])
-        search.append({"params": combo, "valid_aucpr": float(ev["valid"]["aucpr"][n_trees - 1]),
-                       "valid_logloss": float(ev["valid"]["logloss"][n_trees - 1]), "trees": n_trees,
-                       "rounds_run": len(ev["valid"]["logloss"]),
-                       "shap_cost": _shap_cost(n_trees, p["max_depth"]), "seconds": round(time.perf_counter() - t, 2)})
+    search, boosters = _search(dtr, dva, base, grid, num_boost_round, early_stopping_rounds)
     best = max(s["valid_aucpr"] for s in search)
     pick = min((i for i, s in enumerate(search) if s["valid_aucpr"] >= best - tolerance), key=lambda i: search[i]["shap_cost"])
     booster = boosters[pick]

@@ -24,8 +24,9 @@ import xgboost as xgb
 from .core import get_settings
 from .features import (
     FEATURES, RISK_DAILY_SCHEMA, batch_features, daily_risk_counts, risk_from_daily, state_from_history)
-from .model import (
-    DEFAULT_PARAMS, LABEL, Scorer, choose_thresholds, fit_calibration, library_versions, to_matrix)
+from fraud_detection.model import (
+    DEFAULT_PARAMS, LABEL, Scorer, choose_thresholds, fit_calibration, latest_labels, library_versions, relabel,
+    to_matrix)
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +58,23 @@ def n_buckets(rows: int,  # transactions to process
 
 # %% ../nbs/12_partitioned.ipynb #7fb0cdee
 def scan_clean(sources: Sequence[Path],  # clean parquet files (ingest's train.parquet, test.parquet, ...)
+               labels: pl.DataFrame | None = None,  # analyst labels overriding is_fraud (see `model.relabel`)
                ) -> pl.LazyFrame:
-    "All clean transactions, lazily, with `split` = the file's stem."
+    "All clean transactions, lazily, with `split` = the file's stem (and analyst labels applied)."
     if not sources:
         raise FileNotFoundError("no clean parquet files given: run `fraud data ingest` first")
-    return pl.concat([pl.scan_parquet(p).with_columns(split=pl.lit(Path(p).stem)) for p in sources])
+    return relabel(pl.concat([pl.scan_parquet(p).with_columns(split=pl.lit(Path(p).stem)) for p in sources]), labels)
 
 def partition_clean(sources: Sequence[Path],  # clean parquet files
                     out: Path,  # folder to (re)create with bucket=k/ sub-folders
                     buckets: int,  # number of buckets
+                    labels: pl.DataFrame | None = None,  # analyst labels overriding is_fraud
                     ) -> list[Path]:
     "Split clean transactions by customer bucket with the streaming engine; the non-empty bucket folders."
     out = Path(out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    scan_clean(sources).with_columns(bucket_expr(buckets).alias(BUCKET)) \
+    scan_clean(sources, labels).with_columns(bucket_expr(buckets).alias(BUCKET)) \
         .sink_parquet(pl.PartitionBy(out, key=BUCKET, include_key=False), engine="streaming", mkdir=True)
     return sorted(out.glob(f"{BUCKET}=*"), key=lambda p: int(p.name.split("=")[1]))
 
@@ -136,22 +139,24 @@ def build_training_set(sources: Sequence[Path],  # clean parquet files (train.pa
                        label_delay_days: int,  # entity-risk label delay
                        rows_per_bucket: int = ROWS_PER_BUCKET,  # bucket size (memory per step)
                        progress: Callable[[str], None] = lambda s: None,  # called with each stage's name
+                       labels: pl.DataFrame | None = None,  # analyst labels overriding is_fraud (see `model.relabel`)
                        ) -> dict:
-    "Point-in-time feature rows of all `sources` (+ `split`), bucket by bucket; the manifest."
+    "Point-in-time feature rows of all `sources` (+ `split`, analyst labels applied), bucket by bucket; the manifest."
     t0, out = time.perf_counter(), Path(out)
     rows = scan_clean(sources).select(pl.len()).collect(engine="streaming").item()
     buckets = n_buckets(rows, rows_per_bucket)
     scratch = out.with_name(f".{out.name}.parts-{uuid.uuid4().hex[:8]}")
     try:
         progress(f"splitting {rows:,} transactions into {buckets} customer buckets")
-        parts = partition_clean(sources, scratch, buckets)
+        parts = partition_clean(sources, scratch, buckets, labels)
         progress("entity risk (merchant, category, zip) from daily counts")
-        risk = risk_from_daily(daily_counts(scan_clean(sources)), label_delay_days)
+        risk = risk_from_daily(daily_counts(scan_clean(sources, labels)), label_delay_days)
         files = bucketed_features(parts, risk, out, lambda i, n: progress(f"features: bucket {i}/{n}"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     manifest = {"rows": rows, "buckets": buckets, "files": [f.name for f in files], "sources": [str(s) for s in sources],
-                "label_delay_days": label_delay_days, "built_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+                "label_delay_days": label_delay_days, "analyst_labels": latest_labels(labels).height,
+                "built_at": datetime.now().astimezone().isoformat(timespec="seconds"),
                 "seconds": round(time.perf_counter() - t0, 2)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -206,6 +211,36 @@ def _headline(y: np.ndarray, p: np.ndarray) -> dict:
     return {"rows": len(y), "positives": int(y.sum()), "pr_auc": float(average_precision_score(y, p)),
             "roc_auc": float(roc_auc_score(y, p))}
 
+def _scale_scorer(booster: xgb.Booster,  # trained model, `feature_names` set
+                  valid: tuple[np.ndarray, np.ndarray],  # validation (labels, raw margins): calibration, thresholds
+                  test: tuple[np.ndarray, np.ndarray],  # test-period (labels, raw margins): headline metrics
+                  counts: dict,  # {False: training, True: validation}, each with `rows` and `pos`
+                  cutoff: datetime,  # first validation timestamp
+                  t0: float,  # `time.perf_counter()` when training started
+                  params: dict,  # the parameters trained with (kept in meta)
+                  training: str,  # how it was trained (kept in meta)
+                  training_set: str | Path,  # where its rows came from
+                  review_budget: float = 0.01,  # see `choose_thresholds`
+                  decline_precision: float = 0.9,  # see `choose_thresholds`
+                  ) -> Scorer:
+    "A `Scorer` calibrated and thresholded on validation margins, with the meta `train_external` and `spark_train` keep."
+    (y_va, m_va), (y_te, m_te), tr, va = valid, test, counts[False], counts[True]
+    scorer = Scorer(booster, {"features": booster.feature_names, "thresholds": {"review": 1.0, "decline": None},
+                              "calibration": fit_calibration(m_va, y_va)})
+    p_va = scorer.proba(m_va)
+    scorer.thresholds = choose_thresholds(y_va, p_va, review_budget, decline_precision)
+    scorer.meta |= {
+        "version": "unregistered", "label": LABEL, "params": params, "trees": booster.num_boosted_rounds(),
+        "thresholds": scorer.thresholds, "training": training, "training_set": str(training_set),
+        "valid_cutoff": str(cutoff),
+        "train": {"rows": tr["rows"], "positives": tr["pos"], "end": str(cutoff)},
+        "valid": {"rows": va["rows"], "positives": va["pos"], "start": str(cutoff)},
+        "metrics": {"valid": _headline(y_va, p_va), "test": _headline(y_te, scorer.proba(m_te))},
+        "libraries": library_versions(), "trained_at": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "train_seconds": round(time.perf_counter() - t0, 2)}
+    return scorer
+
+# %% ../nbs/12_partitioned.ipynb #80ee1076
 def train_external(training: Path,  # build_training_set's folder
                    features: list[str],  # model inputs, in order
                    valid_frac: float = 0.2,  # latest share of the training period's rows for validation
@@ -232,7 +267,7 @@ def train_external(training: Path,  # build_training_set's folder
     c = {r["valid"]: r for r in counts.iter_rows(named=True)}
     if not (c.get(False, {}).get("pos") and c.get(True, {}).get("pos")):
         raise ValueError("train_external: training and validation both need positives")
-    tr, va = c[False], c[True]
+    tr = c[False]
     base = {**DEFAULT_PARAMS, **(params or {}), "scale_pos_weight": (tr["rows"] - tr["pos"]) / tr["pos"],
             "base_score": 0.5, "nthread": nthread, "seed": seed}
     with tempfile.TemporaryDirectory(prefix=".xgb-cache-", dir=training.parent) as cache:
@@ -246,22 +281,9 @@ def train_external(training: Path,  # build_training_set's folder
     booster = b[:b.best_iteration + 1]
     booster.feature_names = features
     y_va, m_va = stream_margins(booster, files, features, is_valid)
-    scorer = Scorer(booster, {"features": features, "thresholds": {"review": 1.0, "decline": None},
-                              "calibration": fit_calibration(m_va, y_va)})
-    p_va = scorer.proba(m_va)
-    scorer.thresholds = choose_thresholds(y_va, p_va, review_budget, decline_precision)
-    y_te, m_te = stream_margins(booster, files, features, pl.col("split") == "test")
-    scorer.meta |= {
-        "version": "unregistered", "label": LABEL, "params": base, "trees": booster.num_boosted_rounds(),
-        "thresholds": scorer.thresholds, "training": "xgboost external memory (ExtMemQuantileDMatrix)",
-        "training_set": str(training), "valid_cutoff": str(cutoff),
-        "train": {"rows": tr["rows"], "positives": tr["pos"], "end": str(cutoff)},
-        "valid": {"rows": va["rows"], "positives": va["pos"], "start": str(cutoff)},
-        "metrics": {"valid": _headline(y_va, p_va), "test": _headline(y_te, scorer.proba(m_te))},
-        "libraries": library_versions(), "trained_at": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "train_seconds": round(time.perf_counter() - t0, 2)}
-    return scorer
-
+    return _scale_scorer(booster, (y_va, m_va), stream_margins(booster, files, features, pl.col("split") == "test"), c,
+                         cutoff, t0, base, "xgboost external memory (ExtMemQuantileDMatrix)", training,
+                         review_budget, decline_precision)
 
 # %% ../nbs/12_partitioned.ipynb #46257079
 def _day_groups(root: Path) -> dict[Path, list[Path]]:
@@ -343,6 +365,7 @@ def train_at_scale(engine: str,  # "external" (this machine, bounded memory) or 
                    label_delay_days: int | None = None,  # default: settings.label_delay_days
                    num_boost_round: int = 1000,  # maximum trees
                    echo: Callable[[str], None] = print,  # progress messages
+                   labels: pl.DataFrame | None = None,  # analyst labels overriding is_fraud (see `model.relabel`)
                    ) -> dict:
     "Training set → model → registry + gate, on one machine in bounded memory or on Spark."
     s = get_settings()
@@ -351,14 +374,14 @@ def train_at_scale(engine: str,  # "external" (this machine, bounded memory) or 
     out = Path(out or s.data / "training")
     delay = s.label_delay_days if label_delay_days is None else label_delay_days
     if engine == "external":
-        manifest = build_training_set(sources, out, delay, progress=echo)
+        manifest = build_training_set(sources, out, delay, progress=echo, labels=labels)
         echo(f"training set: {manifest['rows']:,} rows in {manifest['buckets']} buckets → {out}; training from disk")
         scorer = train_external(out, FEATURES, num_boost_round=num_boost_round)
     elif engine == "spark":
         from fraud_detection.spark import spark_session, spark_train, spark_training_set
         spark = spark_session()
         try:
-            manifest = spark_training_set(spark, sources, out, delay)
+            manifest = spark_training_set(spark, sources, out, delay, labels=labels)
             echo(f"training set on {manifest['master']}: {manifest['rows']:,} rows → {out}; SparkXGBClassifier")
             scorer = spark_train(spark, out, FEATURES, num_boost_round=num_boost_round)
         finally:

@@ -101,6 +101,7 @@ def _locked(root: Path):
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
+# %% ../nbs/31_registry.ipynb #451bd6c0
 def register(model: Scorer | xgb.Booster,  # trained model (a Scorer carries its meta)
              meta: dict | None = None,  # meta (required for a bare booster; overrides the Scorer's)
              root: Path | None = None,  # registry folder (default: settings)
@@ -170,6 +171,7 @@ def better_of(models: dict[str, Scorer],  # name -> trained model, e.g. full and
               f"{best} is the candidate, so what serves is never worse than the public baseline")
     return best, {"chosen": best, "preferred": prefer, "scores": scores, "reason": reason}
 
+# %% ../nbs/31_registry.ipynb #9371b73a
 def promote_if_better(version: str,  # the candidate (registered)
                       holdout: pl.DataFrame,  # recent labelled feature rows with every feature of both models
                       margin: float = 0.0,  # the candidate must beat the champion's PR-AUC by more than this

@@ -28,9 +28,9 @@ from .core import clean_schema, get_settings
 from fraud_detection.features import (
     FEATURE_SCHEMA, FEATURES, RISK_DAILY_SCHEMA, RISK_ENTITIES, STATE_SCHEMA, batch_features, risk_from_daily,
     state_from_history)
-from .model import LABEL, Scorer, choose_thresholds, fit_calibration, library_versions, to_matrix
+from .model import LABEL, Scorer, latest_labels, to_matrix
 from .partitioned import (
-    BUCKET, BUCKET_HEX, MANIFEST, ROWS_PER_BUCKET, _headline, n_buckets)
+    BUCKET, BUCKET_HEX, MANIFEST, ROWS_PER_BUCKET, _scale_scorer, n_buckets)
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 # %% auto #0
 __all__ = ['SparkUnavailable', 'java_major', 'require_spark', 'LocalCluster', 'spark_session', 'spark_schema', 'to_spark_arrow',
            'bucket_column', 'read_clean', 'spark_daily_risk_counts', 'spark_merchant_risk', 'spark_features',
-           'spark_training_set', 'spark_customer_state', 'spark_train', 'spark_build_batch_features']
+           'spark_relabel', 'spark_training_set', 'spark_customer_state', 'spark_train', 'spark_build_batch_features']
 
 # %% ../nbs/13_spark.ipynb #086c482d
 class SparkUnavailable(RuntimeError):
@@ -79,6 +79,32 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+def _spark_class(log_dir: Path,  # where `name`.log goes (and Spark's own logs)
+                 name: str,  # the process's name in its log file
+                 *args: str,  # `spark-class` arguments: the main class and its options
+                 ) -> subprocess.Popen:
+    "`spark-class *args` of the installed pyspark as a child in a session (process group) of its own."
+    home = require_spark()
+    env = {**os.environ, "SPARK_HOME": str(home), "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable),
+           "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(log_dir), "SPARK_NO_DAEMONIZE": "1"}
+    with open(log_dir / f"{name}.log", "ab") as log:  # the child keeps its own handle
+        return subprocess.Popen([str(home / "bin" / "spark-class"), *args], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+def _stop_groups(procs: list[subprocess.Popen]) -> None:
+    "Stop children and their process groups, last started first (SIGTERM, SIGKILL after 20 s)."
+    import signal
+    for p in reversed(procs):
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in reversed(procs):
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+
+# %% ../nbs/13_spark.ipynb #38741c54
 class LocalCluster:
     "A Spark standalone master and workers on 127.0.0.1, as child processes; a context manager."
     def __init__(self, n_workers: int = 2,  # worker processes
@@ -96,12 +122,7 @@ class LocalCluster:
     def master_url(self) -> str: return f"spark://127.0.0.1:{self.port}"
 
     def _spawn(self, name: str, *args: str) -> None:
-        home = require_spark()
-        env = {**os.environ, "SPARK_HOME": str(home), "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable),
-               "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(self.work_dir), "SPARK_NO_DAEMONIZE": "1"}
-        with open(self.work_dir / f"{name}.log", "ab") as log:  # the child keeps its own handle
-            self.procs.append(subprocess.Popen([str(home / "bin" / "spark-class"), *args], env=env, stdout=log,
-                                               stderr=subprocess.STDOUT, start_new_session=True))
+        self.procs.append(_spark_class(self.work_dir, name, *args))
 
     def alive_workers(self) -> int:
         "Workers the master lists as alive (0 if its status page does not answer)."
@@ -133,21 +154,11 @@ class LocalCluster:
 
     def stop(self) -> None:
         "Stop workers and master (SIGTERM to their process groups, SIGKILL after 20 s)."
-        import signal
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in reversed(self.procs):
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
+        _stop_groups(self.procs)
         self.procs.clear()
 
     def __enter__(self) -> LocalCluster: return self.start()
     def __exit__(self, *exc) -> None: self.stop()
-
 
 # %% ../nbs/13_spark.ipynb #30e9998e
 def _package_zip(dest: Path) -> Path:
@@ -273,21 +284,35 @@ def spark_features(tx: DataFrame,  # clean transactions (Spark), any partitionin
         return to_spark_arrow(feats, schema)
     return tx.withColumn(BUCKET, bucket_column(buckets)).groupBy(BUCKET).applyInArrow(per_bucket, spark_schema(schema))
 
+def spark_relabel(tx: DataFrame,  # clean transactions (Spark) with `trans_num` and `is_fraud`
+                  labels: pl.DataFrame | None,  # analyst labels (see `model.latest_labels`)
+                  as_of: datetime | None = None,  # ignore labels given after this time
+                  ) -> DataFrame:
+    "`model.relabel` on Spark: `is_fraud` overridden by the latest analyst label per trans_num (same columns)."
+    from pyspark.sql import functions as F
+    if labels is None or labels.is_empty():
+        return tx
+    lab = tx.sparkSession.createDataFrame(latest_labels(labels, as_of).rows(), "trans_num string, _label tinyint")
+    label = F.coalesce("_label", LABEL).cast(tx.schema[LABEL].dataType).alias(LABEL)
+    return tx.join(F.broadcast(lab), "trans_num", "left").select(*(label if c == LABEL else c for c in tx.columns))
+
 def spark_training_set(spark: SparkSession,  # from spark_session
                        sources: Sequence[str | Path],  # clean parquet files (shared storage on a cluster)
                        out: str | Path,  # training-set folder Spark writes (overwritten)
                        label_delay_days: int,  # entity-risk label delay
                        rows_per_bucket: int = ROWS_PER_BUCKET,  # rows per applyInArrow group
+                       labels: pl.DataFrame | None = None,  # analyst labels overriding is_fraud (see `spark_relabel`)
                        ) -> dict:
-    "Point-in-time feature rows of all `sources` (+ `split`) written by Spark as parquet; the manifest."
+    "Point-in-time feature rows of all `sources` (+ `split`, analyst labels applied) written by Spark as parquet; the manifest."
     t0 = time.perf_counter()
-    tx = read_clean(spark, sources)
+    tx = spark_relabel(read_clean(spark, sources), labels)
     rows = tx.count()
     buckets = n_buckets(rows, rows_per_bucket)
     risk = spark_merchant_risk(tx, label_delay_days)
     spark_features(tx, risk, buckets).write.mode("overwrite").parquet(str(out))
     manifest = {"rows": rows, "buckets": buckets, "engine": "spark", "master": spark.sparkContext.master,
                 "sources": [str(s) for s in sources], "label_delay_days": label_delay_days,
+                "analyst_labels": latest_labels(labels).height,
                 "built_at": datetime.now().astimezone().isoformat(timespec="seconds"),
                 "seconds": round(time.perf_counter() - t0, 2)}
     if not str(out).startswith(("s3", "hdfs", "gs", "abfs")):
@@ -327,6 +352,7 @@ def _margins(df: DataFrame,  # feature rows (Spark)
     out = pl.from_arrow(df.select(*features, LABEL).mapInArrow(score, "y int, m double").toArrow())
     return out["y"].to_numpy(), out["m"].to_numpy()
 
+# %% ../nbs/13_spark.ipynb #cf6150f8
 def spark_train(spark: SparkSession,  # from spark_session
                 training: str | Path,  # spark_training_set's folder (or any parquet of feature rows + split)
                 features: list[str] = FEATURES,  # model inputs, in order
@@ -353,7 +379,7 @@ def spark_train(spark: SparkSession,  # from spark_session
         F.count(F.lit(1)).alias("rows"), F.sum(F.col(LABEL).cast("long")).alias("pos")).collect()}
     if not (c.get(False) and c[False]["pos"] and c.get(True) and c[True]["pos"]):
         raise ValueError("spark_train: training and validation both need positives")
-    tr, va = c[False], c[True]
+    tr = c[False]
     p = {"max_depth": 6, "learning_rate": 0.1, "min_child_weight": 1.0, "subsample": 0.8, "colsample_bytree": 0.8,
          "reg_lambda": 1.0, "max_bin": 256, **(params or {})}
     # one float array column (NaN = missing, as XGBoost's float32 input): xgboost.spark's list-of-columns input
@@ -369,24 +395,12 @@ def spark_train(spark: SparkSession,  # from spark_session
     if booster.best_iteration is not None:
         booster = booster[:booster.best_iteration + 1]
     booster.feature_names = features
-    y_va, m_va = _margins(rows.filter("is_valid"), booster, features)
-    scorer = Scorer(booster, {"features": features, "thresholds": {"review": 1.0, "decline": None},
-                              "calibration": fit_calibration(m_va, y_va)})
-    p_va = scorer.proba(m_va)
-    scorer.thresholds = choose_thresholds(y_va, p_va, review_budget, decline_precision)
-    y_te, m_te = _margins(spark.read.parquet(str(training)).filter(F.col("split") == "test"), booster, features)
-    scorer.meta |= {
-        "version": "unregistered", "label": LABEL, "params": {**p, "n_estimators": num_boost_round},
-        "trees": booster.num_boosted_rounds(), "thresholds": scorer.thresholds,
-        "training": f"xgboost.spark.SparkXGBClassifier (num_workers={num_workers}) on {spark.sparkContext.master}",
-        "training_set": str(training), "valid_cutoff": str(cutoff),
-        "train": {"rows": tr["rows"], "positives": tr["pos"], "end": str(cutoff)},
-        "valid": {"rows": va["rows"], "positives": va["pos"], "start": str(cutoff)},
-        "metrics": {"valid": _headline(y_va, p_va), "test": _headline(y_te, scorer.proba(m_te))},
-        "libraries": library_versions(), "trained_at": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "train_seconds": round(time.perf_counter() - t0, 2)}
-    return scorer
-
+    test = _margins(spark.read.parquet(str(training)).filter(F.col("split") == "test"), booster, features)
+    return _scale_scorer(
+        booster, _margins(rows.filter("is_valid"), booster, features), test, c, cutoff, t0,
+        {**p, "n_estimators": num_boost_round},
+        f"xgboost.spark.SparkXGBClassifier (num_workers={num_workers}) on {spark.sparkContext.master}", training,
+        review_budget, decline_precision)
 
 # %% ../nbs/13_spark.ipynb #1d80f4c9
 def spark_build_batch_features(spark: SparkSession | None = None,  # default: spark_session()

@@ -19,7 +19,7 @@ from .evaluate import ablation, evaluate_scorer, plot_ablation, report_text, sum
 from fraud_detection.features import (
     BASELINE_FEATURES, FEATURE_GROUPS, FEATURES, REFERENCE_FEATURES, batch_features, merchant_risk_table,
 )
-from .model import DEFAULT_GRID, LABEL, Scorer, time_split, train_model
+from .model import DEFAULT_GRID, LABEL, Scorer, relabel, time_split, train_model
 
 # %% auto #0
 __all__ = ['REFERENCE_ROWS', 'apply_labels', 'load_clean', 'build_datasets', 'TrainResult', 'train_pipeline']
@@ -29,18 +29,11 @@ def apply_labels(tx: pl.DataFrame,  # transactions with `trans_num` and `is_frau
                  labels: pl.DataFrame | None,  # trans_num, is_fraud (or label), labelled_at (optional)
                  as_of: datetime | None = None,  # ignore labels given after this time
                 ) -> tuple[pl.DataFrame, int]:
-    "`tx` with `is_fraud` overridden by the latest analyst label per trans_num; and how many rows changed."
+    "`tx` with `is_fraud` overridden by the latest analyst label per trans_num (`model.relabel`); and how many rows changed."
     if labels is None or labels.is_empty():
         return tx, 0
-    lab = labels.rename({"label": LABEL}) if "label" in labels.columns and LABEL not in labels.columns else labels
-    if "labelled_at" in lab.columns:
-        if as_of is not None:
-            lab = lab.filter(pl.col("labelled_at") <= as_of)
-        lab = lab.sort("labelled_at")
-    lab = lab.unique("trans_num", keep="last").select("trans_num", pl.col(LABEL).cast(pl.Int8).alias("_label"))
-    out = tx.join(lab, on="trans_num", how="left", maintain_order="left")
-    changed = int((out["_label"].is_not_null() & (out["_label"] != out[LABEL])).sum())
-    return out.with_columns(pl.coalesce("_label", LABEL).alias(LABEL)).drop("_label"), changed
+    out = relabel(tx, labels, as_of)
+    return out, int((out[LABEL] != tx[LABEL]).sum())
 
 # %% ../nbs/33_train.ipynb #2528cb42
 def load_clean(clean_dir: Path | None = None,  # folder with train.parquet and test.parquet (default: settings.data/clean)
@@ -96,8 +89,81 @@ class TrainResult:
                       f"gate: {self.version} {self.decision['decision']} ({self.decision['reason']})"]
         return "\n".join(lines + [f"report: {self.report_dir}"])
 
+# %% ../nbs/33_train.ipynb #413a07c2
+def _lap(timings: dict[str, float],  # seconds per stage, filled in
+         stage: str,  # the stage that just ended
+         since: float,  # `time.perf_counter()` when it started
+         ) -> float:
+    "Record a stage's seconds; now (the next stage's start)."
+    now = time.perf_counter()
+    timings[stage] = round(now - since, 2)
+    return now
+
+def _labelled_datasets(frames: tuple[pl.DataFrame, pl.DataFrame] | None, clean_dir: Path | None,
+                       labels: pl.DataFrame | None, label_delay_days: int | None,
+                       ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    "Feature frames (train period, test period) of the clean data with analyst labels applied; rows relabelled."
+    train_tx, test_tx = frames if frames is not None else load_clean(clean_dir)
+    train_tx, n_tr = apply_labels(train_tx, labels)
+    test_tx, n_te = apply_labels(test_tx, labels)
+    return *build_datasets(train_tx, test_tx, label_delay_days), n_tr + n_te
+
+def _train_models(tr: pl.DataFrame, va: pl.DataFrame, kw: dict,  # `train_model` arguments (`params`, `grid`, ...)
+                  timings: dict[str, float], t: float,  # see `_lap`
+                  ) -> tuple[dict[str, Scorer], float]:
+    "full (with the search), then reference and transaction-only with the full model's chosen hyperparameters."
+    trained = {"full": train_model(tr, va, FEATURES, **kw)}
+    t = _lap(timings, "train_full", t)
+    # the bars: the same procedure with the hyperparameters the full model's search chose (no second search)
+    kw = kw | {"params": (kw["params"] or {}) | trained["full"].meta["search"][trained["full"].meta["chosen"]]["params"],
+               "grid": None}
+    for name, feats in (("reference", REFERENCE_FEATURES), ("transaction_only", BASELINE_FEATURES)):
+        trained[name] = train_model(tr, va, feats, **kw)
+        t = _lap(timings, f"train_{name}", t)
+    base = trained["transaction_only"]
+    base.meta["version"] = base.version = "transaction_only"  # report-only, never registered
+    return trained, t
+
+def _annotate(trained: dict[str, Scorer], va: pl.DataFrame, test_f: pl.DataFrame,
+              labels_applied: int,  # rows whose label analysts changed
+              pipeline: dict,  # the pipeline's settings, kept in meta
+              ) -> None:
+    "Each model's meta gets its kind, test window, valid and test metrics; the full model's the bars' test metrics."
+    window = {"start": str(test_f["ts"].min()), "end": str(test_f["ts"].max()), "rows": test_f.height,
+              "positives": int(test_f[LABEL].sum())}
+    for name, m in trained.items():
+        m.meta |= {"kind": name, "test": window, "metrics": {"valid": evaluate_scorer(m, va), "test": evaluate_scorer(m, test_f)},
+                   "analyst_labels_applied": labels_applied, "pipeline": dict(pipeline)}
+    trained["full"].meta |= {name: {"features": trained[name].features, "test": trained[name].meta["metrics"]["test"]}
+                             for name in ("reference", "transaction_only")}
+
+# %% ../nbs/33_train.ipynb #4ca97a59
 REFERENCE_ROWS = 20_000  # training rows kept with each version as its drift reference
 
+def _register_and_gate(trained: dict[str, Scorer], tr: pl.DataFrame, test_f: pl.DataFrame,
+                       margin: float, root: Path,  # see `train_pipeline`
+                       ) -> tuple[dict, str]:
+    "Register the better of full and reference (with its drift reference), run the gate; (decision, which)."
+    served, choice = registry.better_of({"full": trained["full"], "reference": trained["reference"]}, test_f)
+    cand = trained[served]
+    registry.register(cand, root=root)
+    if served != "full":  # the report names it by what it is; the registered version is in the gate record
+        trained["reference"].version = "reference"
+    # the drift reference: what this model saw in training (the app's Drift page and the scheduler compare to it)
+    tr.select(FEATURES).sample(min(tr.height, REFERENCE_ROWS), seed=0).write_parquet(
+        root / cand.meta["version"] / "reference.parquet")
+    return registry.promote_if_better(cand.meta["version"], test_f, margin=margin, root=root, choice=choice), served
+
+def _ablation(tr: pl.DataFrame, va: pl.DataFrame, full: Scorer, out: Path,
+              ablation_days: float, params: dict | None, **kw,  # see `train_pipeline`; kw: `ablation`'s
+              ) -> dict:
+    "Each FEATURE_GROUPS family dropped in turn (the full model's chosen parameters): the report's `ablation`."
+    rows = ablation(tr.filter(pl.col("ts") >= tr["ts"].max() - timedelta(days=ablation_days)), va, FEATURES,
+                    FEATURE_GROUPS, params=(params or {}) | full.meta["search"][full.meta["chosen"]]["params"], **kw)
+    plot_ablation(rows).savefig(out / "ablation.png", dpi=90)
+    return {"train_days": ablation_days, "metric": "valid_pr_auc", "rows": rows}
+
+# %% ../nbs/33_train.ipynb #72268895
 def train_pipeline(clean_dir: Path | None = None,  # clean train/test parquet folder (default: settings.data/clean)
                    frames: tuple[pl.DataFrame, pl.DataFrame] | None = None,  # or clean (train, test) frames
                    *,
@@ -123,67 +189,32 @@ def train_pipeline(clean_dir: Path | None = None,  # clean train/test parquet fo
     "Build the training set, train full + reference + transaction-only, evaluate on test, register the better of full and reference, gate, write the report."
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    def lap(stage: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[stage] = round(now - since, 2)
-        return now
-    train_tx, test_tx = frames if frames is not None else load_clean(clean_dir)
-    train_tx, n_tr = apply_labels(train_tx, labels)
-    test_tx, n_te = apply_labels(test_tx, labels)
-    train_f, test_f = build_datasets(train_tx, test_tx, label_delay_days)
-    t = lap("features", t0)
+    train_f, test_f, n_labels = _labelled_datasets(frames, clean_dir, labels, label_delay_days)
+    t = _lap(timings, "features", t0)
     tr, va = time_split(train_f, valid_frac=valid_frac, valid_days=valid_days, train_days=train_days)
     stop = {} if early_stopping_rounds is None else {"early_stopping_rounds": early_stopping_rounds}
     kw = dict(params=params, grid=grid, num_boost_round=num_boost_round, tolerance=tolerance,
               review_budget=review_budget, decline_precision=decline_precision, nthread=nthread, **stop)
-    trained = {"full": train_model(tr, va, FEATURES, **kw)}
-    t = lap("train_full", t)
-    # the bars: the same procedure with the hyperparameters the full model's search chose (no second search)
-    kw |= {"params": (params or {}) | trained["full"].meta["search"][trained["full"].meta["chosen"]]["params"],
-           "grid": None}
-    for name, feats in (("reference", REFERENCE_FEATURES), ("transaction_only", BASELINE_FEATURES)):
-        trained[name] = train_model(tr, va, feats, **kw)
-        t = lap(f"train_{name}", t)
-    full, ref, base = trained.values()
-    base.meta["version"] = base.version = "transaction_only"  # report-only, never registered
-    window = {"start": str(test_f["ts"].min()), "end": str(test_f["ts"].max()), "rows": test_f.height,
-              "positives": int(test_f[LABEL].sum())}
-    for name, m in trained.items():
-        m.meta |= {"kind": name, "test": window, "metrics": {"valid": evaluate_scorer(m, va), "test": evaluate_scorer(m, test_f)},
-                   "analyst_labels_applied": n_tr + n_te,
-                   "pipeline": {"train_days": train_days, "valid_days": valid_days, "valid_frac": valid_frac,
-                                "grid": grid, "margin": margin, "label_delay_days": label_delay_days}}
-    full.meta |= {name: {"features": trained[name].features, "test": trained[name].meta["metrics"]["test"]}
-                  for name in ("reference", "transaction_only")}
+    trained, t = _train_models(tr, va, kw, timings, t)
+    full = trained["full"]
+    _annotate(trained, va, test_f, n_labels, {"train_days": train_days, "valid_days": valid_days, "valid_frac": valid_frac,
+                                              "grid": grid, "margin": margin, "label_delay_days": label_delay_days})
     root = registry.registry_root(registry_root)
     champion = registry.load("champion", root) if register and registry.aliases(root)["champion"] else None
-    decision, served = None, "full"
-    if register:
-        served, choice = registry.better_of({"full": full, "reference": ref}, test_f)
-        cand = trained[served]
-        registry.register(cand, root=root)
-        if served != "full":  # the report names it by what it is; the registered version is in the gate record
-            ref.version = "reference"
-        # the drift reference: what this model saw in training (the app's Drift page and the scheduler compare to it)
-        tr.select(FEATURES).sample(min(tr.height, REFERENCE_ROWS), seed=0).write_parquet(
-            root / cand.meta["version"] / "reference.parquet")
-        decision = registry.promote_if_better(cand.meta["version"], test_f, margin=margin, root=root, choice=choice)
-    t = lap("register_gate", t)
+    decision, served = _register_and_gate(trained, tr, test_f, margin, root) if register else (None, "full")
+    t = _lap(timings, "register_gate", t)
     models = {**trained, **({"champion": champion} if champion is not None else {})}
     version = trained[served].meta["version"] if register else f"unregistered-{datetime.now():%Y%m%dT%H%M%S}"
     out = Path(reports_dir or get_settings().data / "reports") / version
     report = write_report(models, test_f, out, extra={
         "gate": decision, "timings": timings, "search": full.meta["search"], "windows": {
             "train": full.meta["train"], "valid": full.meta["valid"], "test": full.meta["test"]}})
-    t = lap("report", t)
-    if ablation_days is not None:  # each FEATURE_GROUPS family dropped in turn, the full model's chosen parameters
-        rows = ablation(tr.filter(pl.col("ts") >= tr["ts"].max() - timedelta(days=ablation_days)), va, FEATURES,
-                        FEATURE_GROUPS, params=(params or {}) | full.meta["search"][full.meta["chosen"]]["params"],
-                        num_boost_round=num_boost_round, nthread=nthread, **stop)
-        report["ablation"] = {"train_days": ablation_days, "metric": "valid_pr_auc", "rows": rows}
-        plot_ablation(rows).savefig(out / "ablation.png", dpi=90)
-        lap("ablation", t)
+    t = _lap(timings, "report", t)
+    if ablation_days is not None:
+        report["ablation"] = _ablation(tr, va, full, out, ablation_days, params, num_boost_round=num_boost_round,
+                                       nthread=nthread, **stop)
+        _lap(timings, "ablation", t)
     timings["total"] = round(time.perf_counter() - t0, 2)
     report["timings"] = timings
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))  # again, with the report's own time
-    return TrainResult(version, decision, report, out, full, ref, base, served, timings)
+    return TrainResult(version, decision, report, out, *trained.values(), served, timings)

@@ -34,7 +34,22 @@ def _paths(tree: dict) -> list[tuple[float, list[tuple[int, float, bool, bool, f
             stack.append((child, [*path, step]))
     return out
 
+def _read_model(booster: xgb.Booster) -> tuple[int, np.float32, list[dict]]:
+    "(number of features, base margin, JSON trees) of a one-output XGBoost model without categorical splits."
+    model = json.loads(booster.save_raw("json"))["learner"]
+    if int(model["learner_model_param"].get("num_target", "1")) > 1 or \
+            int(model["learner_model_param"].get("num_class", "0")) > 1:
+        raise ValueError("TreeShap: one output only")
+    trees = model["gradient_booster"]["model"]["trees"]
+    if any(t["categories"] for t in trees):
+        raise ValueError("TreeShap: categorical splits are not supported")
+    base = float(json.loads(model["learner_model_param"]["base_score"])[0]) \
+        if model["learner_model_param"]["base_score"].startswith("[") else float(model["learner_model_param"]["base_score"])
+    base_margin = np.float32(np.log(base / (1 - base))) if model["objective"]["name"] == "binary:logistic" \
+        else np.float32(base)
+    return int(model["learner_model_param"]["num_feature"]), base_margin, trees
 
+# %% ../nbs/29_treeshap.ipynb #ace01f4c
 def _esp_weights(z: np.ndarray, in_b: np.ndarray, k: np.ndarray, kmax: int) -> np.ndarray:
     "Σ_{S ⊆ B} w(|S|, k) Π_{j ∈ B \\ S} z_j per leaf (rows): B = slots where `in_b`; w = Shapley weight for k players."
     n = len(z)
@@ -52,66 +67,72 @@ def _esp_weights(z: np.ndarray, in_b: np.ndarray, k: np.ndarray, kmax: int) -> n
         total += np.where(ok, w[k] * e[np.arange(n), np.clip(m, 0, kmax)], 0.0)
     return total
 
+# %% ../nbs/29_treeshap.ipynb #ad1f9e12
+def _leaf_steps(leaves: list,  # `_paths` of every tree, concatenated
+                n_features: int,  # the model's features (padding slots point past them)
+                ) -> tuple[np.ndarray, ...]:
+    "Leaves × path steps: feature, threshold, goes_left, default_left, valid, slot; leaves × slots: z, feature; k."
+    n, depth = len(leaves), max(len(p) for _, p in leaves)
+    feat = np.zeros((n, depth), np.int64); thr = np.zeros((n, depth), np.float32)
+    goes_left = np.zeros((n, depth), bool); dleft = np.zeros((n, depth), bool); valid = np.zeros((n, depth), bool)
+    slot = np.zeros((n, depth), np.int64)
+    slot_feat, z, ks = [], [], np.zeros(n, np.int64)
+    for i, (_, path) in enumerate(leaves):
+        slots: dict[int, int] = {}
+        zl: list[float] = []
+        for d, (f, t, gl, dl, r) in enumerate(path):
+            s = slots.setdefault(f, len(slots))
+            if s == len(zl):
+                zl.append(1.0)
+            zl[s] *= r
+            feat[i, d], thr[i, d], goes_left[i, d], dleft[i, d], valid[i, d], slot[i, d] = f, t, gl, dl, True, s
+        slot_feat.append(list(slots)); z.append(zl); ks[i] = len(slots)
+    kmax = int(ks.max())
+    if kmax > MAX_PATH_FEATURES:
+        raise ValueError(f"TreeShap: paths split on up to {kmax} distinct features (> {MAX_PATH_FEATURES})")
+    zz = np.ones((n, kmax)); sf = np.full((n, kmax), n_features, np.int64)  # padding → a dummy feature
+    for i in range(n):
+        zz[i, :ks[i]], sf[i, :ks[i]] = z[i], slot_feat[i]
+    return feat, thr, goes_left, dleft, valid, slot, zz, sf, ks
 
+def _leaf_table(value: np.ndarray,  # leaf values
+                zz: np.ndarray,  # leaves × slots: product of the cover fractions of the path's splits on each feature
+                ks: np.ndarray,  # distinct path features per leaf
+                ) -> np.ndarray:
+    "Leaves × patterns of followed path features × path features: each leaf's SHAP term (the formula above)."
+    n, kmax = zz.shape
+    table = np.zeros((n, 1 << kmax, kmax))
+    slots_ = np.arange(kmax)
+    for pattern in range(1 << kmax):
+        o = ((pattern >> slots_) & 1).astype(bool)[None, :] & (slots_[None, :] < ks[:, None])
+        for i in range(kmax):
+            in_b = o.copy()
+            in_b[:, i] = False
+            rest = (slots_[None, :] < ks[:, None]) & ~in_b
+            rest[:, i] = False
+            outside = np.prod(np.where(rest, zz, 1.0), axis=1)  # Π z over F \ B \ {i}
+            table[:, pattern, i] = np.where(i < ks, value * (o[:, i] - zz[:, i]) * outside
+                                            * _esp_weights(zz, in_b, ks, kmax), 0.0)
+    return table
+
+# %% ../nbs/29_treeshap.ipynb #6a318616
 class TreeShap:
     "Exact path-dependent SHAP values (as XGBoost's `pred_contribs`) and margins of one row at a time."
     def __init__(self, booster: xgb.Booster):
-        model = json.loads(booster.save_raw("json"))["learner"]
-        if int(model["learner_model_param"].get("num_target", "1")) > 1 or \
-                int(model["learner_model_param"].get("num_class", "0")) > 1:
-            raise ValueError("TreeShap: one output only")
-        trees = model["gradient_booster"]["model"]["trees"]
-        if any(t["categories"] for t in trees):
-            raise ValueError("TreeShap: categorical splits are not supported")
-        self.n_features = int(model["learner_model_param"]["num_feature"])
-        base = float(json.loads(model["learner_model_param"]["base_score"])[0]) \
-            if model["learner_model_param"]["base_score"].startswith("[") else float(model["learner_model_param"]["base_score"])
-        self.base_margin = np.float32(np.log(base / (1 - base))) if model["objective"]["name"] == "binary:logistic" \
-            else np.float32(base)
+        self.n_features, self.base_margin, trees = _read_model(booster)
         self._build([leaf for t in trees for leaf in _paths(t)])
 
     def _build(self, leaves: list) -> None:
-        n, depth = len(leaves), max(len(p) for _, p in leaves)
-        feat = np.zeros((n, depth), np.int64); thr = np.zeros((n, depth), np.float32)
-        goes_left = np.zeros((n, depth), bool); dleft = np.zeros((n, depth), bool); valid = np.zeros((n, depth), bool)
-        slot = np.zeros((n, depth), np.int64)
-        slot_feat, z, ks = [], [], np.zeros(n, np.int64)
-        for i, (_, path) in enumerate(leaves):
-            slots: dict[int, int] = {}
-            zl: list[float] = []
-            for d, (f, t, gl, dl, r) in enumerate(path):
-                s = slots.setdefault(f, len(slots))
-                if s == len(zl):
-                    zl.append(1.0)
-                zl[s] *= r
-                feat[i, d], thr[i, d], goes_left[i, d], dleft[i, d], valid[i, d], slot[i, d] = f, t, gl, dl, True, s
-            slot_feat.append(list(slots)); z.append(zl); ks[i] = len(slots)
-        kmax = int(ks.max())
-        if kmax > MAX_PATH_FEATURES:
-            raise ValueError(f"TreeShap: paths split on up to {kmax} distinct features (> {MAX_PATH_FEATURES})")
-        zz = np.ones((n, kmax)); sf = np.full((n, kmax), self.n_features, np.int64)  # padding → a dummy feature
-        for i in range(n):
-            zz[i, :ks[i]], sf[i, :ks[i]] = z[i], slot_feat[i]
+        feat, thr, goes_left, dleft, valid, slot, zz, sf, ks = _leaf_steps(leaves, self.n_features)
+        n, kmax = zz.shape
         value = np.array([v for v, _ in leaves])
-        table = np.zeros((n, 1 << kmax, kmax))
-        slots_ = np.arange(kmax)
-        for pattern in range(1 << kmax):
-            o = ((pattern >> slots_) & 1).astype(bool)[None, :] & (slots_[None, :] < ks[:, None])
-            for i in range(kmax):
-                in_b = o.copy()
-                in_b[:, i] = False
-                rest = (slots_[None, :] < ks[:, None]) & ~in_b
-                rest[:, i] = False
-                outside = np.prod(np.where(rest, zz, 1.0), axis=1)  # Π z over F \ B \ {i}
-                table[:, pattern, i] = np.where(i < ks, value * (o[:, i] - zz[:, i]) * outside
-                                                * _esp_weights(zz, in_b, ks, kmax), 0.0)
         # per row, everything is a whole-array operation over (path step, leaf): arrays are stored step-major
         self._feat, self._thr = np.ascontiguousarray(feat.T.astype(np.intp)), np.ascontiguousarray(thr.T)
         self._left, self._dleft = np.ascontiguousarray(goes_left.T), np.ascontiguousarray(dleft.T)
         self._bit = np.ascontiguousarray(np.where(valid, 1 << slot, 0).T.astype(np.int32))  # padding steps: no bit
         self._full = ((1 << ks) - 1).astype(np.int32)
         self._offset = np.arange(n, dtype=np.int64) << kmax  # first table row of each leaf
-        self._table = table.reshape(n << kmax, kmax).astype(np.float32)
+        self._table = _leaf_table(value, zz, ks).reshape(n << kmax, kmax).astype(np.float32)
         self._to_features = sp.csr_matrix(  # (leaf, path feature) → feature: a sum per feature as one mat-vec
             (np.ones(n * kmax), (sf.ravel(), np.arange(n * kmax))), shape=(self.n_features + 1, n * kmax))
         self._value = value.astype(np.float32)

@@ -90,6 +90,24 @@ def test_spark_risk_table_equals_polars(spark, demo):
     assert got["entity"].unique(maintain_order=True).to_list() == list(RISK_ENTITIES)
 
 
+def test_spark_relabel_equals_polars(spark, demo):
+    "Analyst labels override is_fraud on Spark by the rule of the in-memory and bucketed paths (`model.relabel`)."
+    from datetime import datetime
+
+    from fraud_detection.model import LABEL, relabel
+    from fraud_detection.partitioned import scan_clean
+    from fraud_detection.spark import read_clean, spark_relabel
+    everything = scan_clean(demo).collect()
+    fraud, legit = (everything.filter(pl.col(LABEL) == v).sort("ts")["trans_num"][10] for v in (1, 0))
+    lab = pl.DataFrame({"trans_num": [fraud, legit, fraud], "label": [1, 1, 0],
+                        "labelled_at": [datetime(2020, 1, 1), datetime(2020, 1, 1), datetime(2020, 2, 1)]})
+    got = pl.from_arrow(spark_relabel(read_clean(spark, demo), lab).toArrow())
+    assert got.columns == everything.columns
+    got, want = (f.select("trans_num", LABEL).sort("trans_num") for f in (got, relabel(everything, lab)))
+    assert_frame_equal(got, want)
+    assert dict(got.filter(pl.col("trans_num").is_in([fraud, legit])).iter_rows()) == {fraud: 0, legit: 1}
+
+
 def test_spark_trained_model_in_api(spark, spark_set, tmp_path):
     "SparkXGBClassifier (2 workers) → registry → champion → the API scores and explains with it."
     from fraud_detection.registry import load
