@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .broker import _die_with_parent, free_port, port_open
-from .core import get_settings
+from .core import get_settings, stop_process_group
 
 # %% auto #0
 __all__ = ['SERVICES', 'fraud_cmd', 'port_free', 'wait_port', 'Service', 'ServiceFailed', 'port_holder', 'check_ports',
@@ -130,15 +130,8 @@ class Supervisor:
         "Stop services in reverse start order (SIGTERM to each process group, SIGKILL after `timeout` s)."
         # reverse order: the worker commits its last batch while the broker it depends on still runs
         for svc in reversed(self.services):
-            if svc.proc is None: continue
-            if svc.proc.poll() is None:
-                try: os.killpg(svc.proc.pid, signal.SIGTERM)
-                except ProcessLookupError: pass
-                try: svc.proc.wait(timeout)
-                except subprocess.TimeoutExpired: pass
-            try: os.killpg(svc.proc.pid, signal.SIGKILL)  # the group may still hold grandchildren
-            except (ProcessLookupError, PermissionError): pass
-            svc.proc.wait()
+            if svc.proc is not None:
+                stop_process_group(svc.proc, signal.SIGTERM, timeout)
 
 # %% ../nbs/91_up.ipynb #ab8a4205
 def bootstrap(scale: str = "demo", # simulator scale when there is no raw data
