@@ -269,9 +269,5 @@ def up_cmd(
 
 # %% ../nbs/90_cli.ipynb #ff450d22
 def main() -> None:
-    "Console-script entry point."
-    import os
-    # XGBoost's OpenMP threads spin while idle by default: on 2 shared cores that slows everything else 10-20x.
-    # Set before xgboost loads; children (`fraud up` services) inherit it.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    "Console-script entry point (`fraud`)."
     app()
