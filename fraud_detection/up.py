@@ -182,6 +182,7 @@ def plan_services(settings=None, rate: float = 50.0, limit: int | None = None,
             Service("producer", fraud_cmd(*produce), oneshot=True)]
     return [svc for svc in plan if svc is not None and svc.name in only]
 
+# %% ../nbs/91_up.ipynb #356c358d
 def first_scored(settings=None) -> int:
     "How many transactions the results store holds (0 if none or not created yet)."
     import sqlalchemy as sa
@@ -192,6 +193,7 @@ def first_scored(settings=None) -> int:
     except Exception:
         return 0
 
+# %% ../nbs/91_up.ipynb #5c2b7fde
 def up(scale: str = "demo", # simulator scale if there is no data yet
        rate: float = 50.0, # replay rate, transactions per second
        limit: int | None = None, # replay only the first N test transactions
