@@ -56,6 +56,7 @@ class Service:
 class ServiceFailed(RuntimeError):
     "A service kept crashing after its restarts, or could not start."
 
+# %% ../nbs/91_up.ipynb #d5848ad1
 def port_holder(port: int, # TCP port
                ) -> str:
     "Who listens on `port`: 'pid N (command line)', or a hint when the owner cannot be seen."
