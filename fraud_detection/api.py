@@ -511,8 +511,9 @@ _MASTER_PID = "FRAUD_API_MASTER_PID"
 
 def served_app() -> FastAPI:
     "The factory `serve` gives uvicorn: `create_app(freeze_gc=True)`, in a worker process one that dies with the master."
-    if str(os.getpid()) != os.environ.get(_MASTER_PID) and sys.platform == "linux":  # a worker process
+    master = os.environ.get(_MASTER_PID)
+    if master not in (None, str(os.getpid())) and sys.platform == "linux":  # a worker process of `serve`
         from fraud_detection.broker import _die_with_parent
         _die_with_parent()
-        if str(os.getppid()) != os.environ.get(_MASTER_PID): os._exit(1)  # it died before we asked
+        if str(os.getppid()) != master: os._exit(1)  # it died before we asked
     return create_app(freeze_gc=True)
