@@ -19,10 +19,6 @@ top 100 each day and all models get the same CP@100 (the day's fraud cards / 100
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before xgboost loads: no spin-waiting on a shared machine
-
 import argparse
 import json
 import tempfile

@@ -166,7 +166,7 @@ def run_stage(args: argparse.Namespace) -> None:
 def measure(stage: str, work: Path, *extra: str) -> dict:
     "Run one stage in a fresh process; its JSON line."
     p = subprocess.run([sys.executable, __file__, "--stage", stage, "--work", str(work), *extra],
-                       capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                       capture_output=True, text=True)
     if p.returncode:
         print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)
         raise SystemExit(f"stage {stage} failed")

@@ -22,10 +22,6 @@ Usage: python bench/bench_train.py [--source simulated|synthetic] [--runs 1] [--
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before xgboost loads: no spin-waiting on a shared machine
-
 import argparse
 import statistics
 import tempfile
@@ -33,6 +29,8 @@ import time
 from pathlib import Path
 
 import polars as pl
+
+import fraud_detection  # noqa: F401 - its __init__ sets OMP_WAIT_POLICY before xgboost loads below
 
 
 def feature_frames(source: str, seed: int) -> tuple[pl.DataFrame, pl.DataFrame, list[str], list[str], dict, tuple]:

@@ -265,7 +265,7 @@ def main() -> int:
     r.add_argument("--check", action="store_true", help="exit 1 if README.md differs from nbs/index.ipynb")
     a = ap.parse_args()
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "docs"), *filter(None, [os.environ.get("PYTHONPATH")])])
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import fraud_detection  # noqa: F401 - its __init__ sets OMP_WAIT_POLICY before a notebook loads xgboost
     if a.cmd == "readme":
         ok = readme(a.check)
         if not ok: print("README.md is not what nbs/index.ipynb generates: run `make readme`")

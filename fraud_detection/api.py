@@ -9,28 +9,32 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import polars as pl
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, Field
 
 from .core import Settings, get_settings
 from .features import RISK_ENTITIES, RISK_SCHEMA, STATE_SCHEMA, empty_state, incremental_features, request_row
 from .metrics import exposition
+from .model import DECISIONS
 from .schema import Transaction, to_frame
 
 if TYPE_CHECKING:
@@ -41,12 +45,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'Decision', 'PredictorDep', 'ApiKey', 'Explain', 'TopK', 'Reason', 'Prediction', 'BatchPredictions',
+__all__ = ['log', 'Decision', 'PredictorDep', 'ApiKey', 'Explain', 'TopK', 'router', 'Reason', 'Prediction', 'BatchPredictions',
            'ModelInfo', 'OnlineFeatures', 'Champion', 'ModelUnavailable', 'Predictor', 'Metrics', 'RequestMetrics',
-           'ApiConfig', 'get_predictor', 'check_api_key', 'create_app', 'serve', 'worker_app']
+           'ApiConfig', 'BatchRequest', 'get_predictor', 'check_api_key', 'predict', 'predict_batch', 'model_info',
+           'healthz', 'readyz', 'prometheus', 'create_app', 'serve', 'served_app']
 
 # %% ../nbs/50_api.ipynb #bfdd2115
-Decision = Literal["approve", "review", "decline"]
+Decision = Literal[DECISIONS]  # the model's decisions, one definition (`model.DECISIONS`)
 
 class Reason(BaseModel):
     "One SHAP reason: a model input, its value for this transaction, its contribution to the log-odds."
@@ -293,6 +298,7 @@ class ApiConfig:
         "The tunables of `s` (`api_max_batch`, `api_store_timeout_s`, ...)."
         return cls(**{f: getattr(s, f"api_{f}") for f in cls.__dataclass_fields__})
 
+# %% ../nbs/50_api.ipynb #d68a85b8
 def _example() -> Transaction:
     "The schema's documented example transaction (warm-up)."
     return Transaction.model_validate(Transaction.model_config["json_schema_extra"]["examples"][0])
@@ -323,11 +329,55 @@ async def _watch(champion: Champion, interval_s: float) -> None:
         except Exception:  # noqa: BLE001 - never let the watcher die
             log.exception("champion refresh failed")
 
+# %% ../nbs/50_api.ipynb #d08cc51f
+@asynccontextmanager
+async def _lifespan(app: FastAPI, settings: Settings, scorer: Scorer | None, store: FeatureStore | None,
+                    config: ApiConfig, freeze_gc: bool):
+    "Load the model and open the store (see `create_app`), warm up, watch the champion until shutdown."
+    from fraud_detection.registry import load
+    reg = settings.data / "registry"
+    champion = Champion(scorer=scorer) if scorer is not None else \
+        Champion(lambda: load("champion", reg), watch=reg / "aliases.json")
+    await run_in_threadpool(champion.refresh)
+    online = OnlineFeatures(store if store is not None else
+                            await run_in_threadpool(_open_store, settings, config.store_timeout_s),
+                            config.store_retry_s)
+    app.state.predictor = predictor = Predictor(champion, online)
+    await run_in_threadpool(_warm_up, predictor)
+    if freeze_gc:
+        gc.collect()
+        gc.freeze()  # the model, store and libraries loaded so far are never garbage: keep them out of GC passes
+    watcher = asyncio.create_task(_watch(champion, config.reload_interval_s)) if champion.watch else None
+    try:
+        yield
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+# %% ../nbs/50_api.ipynb #795dcae7
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     "422 naming each invalid field and the rule it broke (the input is not echoed)."
     errs = [{"field": ".".join(str(x) for x in e["loc"][1:]) if e["loc"][:1] == ("body",) else ".".join(map(str, e["loc"])),
              "loc": list(e["loc"]), "type": e["type"], "msg": e["msg"]} for e in exc.errors()]
     return JSONResponse(status_code=422, content=jsonable_encoder({"detail": errs}))
+
+class BatchRequest(BaseModel):
+    "Transactions to score together (trans_num unique, at most the server's `FRAUD_API_MAX_BATCH`)."
+    transactions: list[Transaction] = Field(min_length=1)
+
+def _check_batch(txs: list[Transaction],  # the batch's validated transactions
+                 max_batch: int,  # the app's limit (`ApiConfig.max_batch`)
+                ) -> None:
+    "Raise a 422 `RequestValidationError` on `transactions` if there are more than `max_batch` or a repeated trans_num."
+    if len(txs) > max_batch:
+        err = {"type": "too_long", "msg": f"List should have at most {max_batch} items after validation, not {len(txs)}"}
+    elif len({t.trans_num for t in txs}) < len(txs):
+        err = {"type": "unique_trans_num", "msg": "trans_num must be unique within a batch"}
+    else:
+        return
+    raise RequestValidationError([{"loc": ("body", "transactions"), **err}])
 
 # %% ../nbs/50_api.ipynb #3e956b58
 async def get_predictor(request: Request) -> Predictor:  # async: FastAPI runs a sync dependency in a thread
@@ -345,121 +395,99 @@ async def check_api_key(request: Request, key: Annotated[str | None, Security(_k
 
 ApiKey = Depends(check_api_key)
 Explain = Annotated[bool, Query(description="compute SHAP reasons (false: faster, empty reasons)")]
-TopK = Annotated[int, Query(ge=1, le=20, description="reasons per prediction")]
+TopK = Annotated[int | None, Query(ge=1, le=20, description="reasons per prediction (default: the server's FRAUD_API_TOP_K)")]
 
 # %% ../nbs/50_api.ipynb #e7dd118d
+router = APIRouter()
+_UNAVAILABLE = {503: {"description": "no model loaded yet"}, 401: {"description": "missing or invalid X-API-Key"}}
+_REFUSED = {400: {"description": "body is not UTF-8 JSON"}, 413: {"description": "body larger than the limit"}}
+
+def _scored(request: Request, predictor: Predictor, txs: list[Transaction], explain: bool, top_k: int | None,
+            endpoint: str) -> list[dict]:
+    "`predictor.predict`, counted in the app's metrics; 503 when no model is loaded."
+    state = request.app.state
+    try:
+        preds = predictor.predict(txs, explain, top_k or state.config.top_k)
+    except ModelUnavailable as e:
+        raise HTTPException(503, str(e)) from None
+    for p in preds:
+        state.metrics.predictions.labels(endpoint, p["decision"]).inc()
+        state.metrics.degraded.inc(p["degraded"])
+    return preds
+
+@router.post("/v1/predict", response_model=Prediction, dependencies=[ApiKey], responses=_UNAVAILABLE | _REFUSED,
+             tags=["scoring"])
+async def predict(tx: Transaction, predictor: PredictorDep, request: Request, explain: Explain = True,
+                  top_k: TopK = None) -> dict:
+    "Score one transaction."
+    p = _scored(request, predictor, [tx], explain, top_k, "/v1/predict")[0]
+    request.state.decision = p["decision"]
+    return p
+
+@router.post("/v1/predict/batch", response_model=BatchPredictions, dependencies=[ApiKey],
+             responses=_UNAVAILABLE | _REFUSED, tags=["scoring"],
+             description="Score up to FRAUD_API_MAX_BATCH (default 1000) transactions together (trans_num unique); "
+                         "a customer's later transactions see the earlier ones of the batch, as in the stream.")
+def predict_batch(body: BatchRequest, predictor: PredictorDep, request: Request, explain: Explain = True,
+                  top_k: TopK = None) -> dict:
+    "Score a batch of transactions."
+    _check_batch(body.transactions, request.app.state.config.max_batch)
+    return {"predictions": _scored(request, predictor, body.transactions, explain, top_k, "/v1/predict/batch")}
+
+# %% ../nbs/50_api.ipynb #fe72f606
+@router.get("/v1/model", response_model=ModelInfo, dependencies=[ApiKey], responses=_UNAVAILABLE, tags=["model"])
+def model_info(predictor: PredictorDep) -> dict:
+    "The serving champion: version, features, thresholds, metrics."
+    s = predictor.champion.scorer
+    if s is None:
+        raise HTTPException(503, predictor.champion.error or "no champion model loaded")
+    m = s.meta
+    metrics = m.get("metrics") or {}
+    if not metrics and m.get("search"):
+        metrics = {"valid_aucpr": m["search"][m.get("chosen", 0)]["valid_aucpr"]}
+    return {"version": s.version, "features": s.features, "thresholds": s.thresholds, "metrics": metrics,
+            "trained_at": m.get("trained_at"), "train_window": m.get("train")}
+
+@router.get("/healthz", tags=["ops"])
+def healthz() -> dict:
+    "The process is up."
+    return {"status": "ok"}
+
+@router.get("/readyz", tags=["ops"], responses={503: {"description": "not ready: model or online store missing"}})
+def readyz(predictor: PredictorDep) -> JSONResponse:
+    "Ready when a model is loaded and the online store answers."
+    s = predictor.champion.scorer
+    store_ok = predictor.online.ping()
+    body = {"ready": s is not None and store_ok, "model_version": s.version if s else None,
+            "model_error": predictor.champion.error, "online_store": "ok" if store_ok else
+            (predictor.online.last_error or "not configured")}
+    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+@router.get("/metrics", tags=["ops"], response_class=Response)
+def prometheus(request: Request) -> Response:
+    "Prometheus metrics."
+    state = request.app.state
+    return Response(state.metrics.render(getattr(state, "predictor", None)), media_type=CONTENT_TYPE_LATEST)
+
+# %% ../nbs/50_api.ipynb #626683ab
 def create_app(settings: Settings | None = None,  # default: get_settings()
                scorer: Scorer | None = None,  # serve this model (default: the registry's champion, hot-reloaded)
                store: FeatureStore | None = None,  # Feast store (default: feature_store.get_store(settings))
                config: ApiConfig | None = None,  # tunables (default: ApiConfig.from_settings(settings))
+               freeze_gc: bool = False,  # after warm-up, freeze the process's GC (the server's choice: `serve`)
               ) -> FastAPI:
     "The fraud-scoring FastAPI app; model and store are loaded by its lifespan (at startup, not here)."
     settings = settings or get_settings()
     config = config or ApiConfig.from_settings(settings)
-    metrics = Metrics()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        from fraud_detection.registry import load
-        reg = settings.data / "registry"
-        champion = Champion(scorer=scorer) if scorer is not None else \
-            Champion(lambda: load("champion", reg), watch=reg / "aliases.json")
-        await run_in_threadpool(champion.refresh)
-        online = OnlineFeatures(store if store is not None else
-                                await run_in_threadpool(_open_store, settings, config.store_timeout_s),
-                                config.store_retry_s)
-        app.state.predictor = predictor = Predictor(champion, online)
-        await run_in_threadpool(_warm_up, predictor)
-        gc.collect()
-        gc.freeze()  # the model, store and libraries loaded so far are never garbage: keep them out of GC passes
-        watcher = asyncio.create_task(_watch(champion, config.reload_interval_s)) if champion.watch else None
-        try:
-            yield
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
-
+    lifespan = partial(_lifespan, settings=settings, scorer=scorer, store=store, config=config, freeze_gc=freeze_gc)
     app = FastAPI(title="fraud-detection-service", version="1", lifespan=lifespan, max_body_size=config.max_body_bytes,
                   description="Online card-fraud scoring: online features from Feast + the champion XGBoost model "
                               "+ SHAP reasons. Degraded (never down) when the online store is unavailable.")
     app.state.api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
-    app.state.metrics = metrics
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.state.config, app.state.metrics = config, Metrics()
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    BatchRequest = create_model("BatchRequest", __doc__="Transactions to score together (trans_num unique).",
-                                transactions=(list[Transaction], Field(min_length=1, max_length=config.max_batch)))
-    unavailable = {503: {"description": "no model loaded yet"}, 401: {"description": "missing or invalid X-API-Key"}}
-    refused = {400: {"description": "body is not UTF-8 JSON"}, 413: {"description": "body larger than the limit"}}
-
-    def counted(preds: list[dict], endpoint: str) -> list[dict]:
-        for p in preds:
-            metrics.predictions.labels(endpoint, p["decision"]).inc()
-            metrics.degraded.inc(p["degraded"])
-        return preds
-
-    @app.post("/v1/predict", response_model=Prediction, dependencies=[ApiKey], responses=unavailable | refused,
-              tags=["scoring"])
-    async def predict(tx: Transaction, predictor: PredictorDep, request: Request, explain: Explain = True,
-                      top_k: TopK = config.top_k) -> dict:
-        "Score one transaction."
-        try:
-            p = counted(predictor.predict([tx], explain, top_k), "/v1/predict")[0]
-        except ModelUnavailable as e:
-            raise HTTPException(503, str(e)) from None
-        request.state.decision = p["decision"]
-        return p
-
-    def predict_batch(body, predictor: PredictorDep, explain: Explain = True, top_k: TopK = config.top_k) -> dict:
-        "Score a batch of transactions."
-        txs = body.transactions
-        if len({t.trans_num for t in txs}) < len(txs):
-            raise RequestValidationError([{"loc": ("body", "transactions"), "type": "unique_trans_num",
-                                           "msg": "trans_num must be unique within a batch"}])
-        try:
-            return {"predictions": counted(predictor.predict(txs, explain, top_k), "/v1/predict/batch")}
-        except ModelUnavailable as e:
-            raise HTTPException(503, str(e)) from None
-
-    predict_batch.__annotations__["body"] = BatchRequest  # built here (its limit is configured): not a name to look up
-    app.post("/v1/predict/batch", response_model=BatchPredictions, dependencies=[ApiKey], responses=unavailable | refused,
-             tags=["scoring"], description=f"Score up to {config.max_batch} transactions together (trans_num unique); "
-             "a customer's later transactions see the earlier ones of the batch, as in the stream.")(predict_batch)
-
-    @app.get("/v1/model", response_model=ModelInfo, dependencies=[ApiKey], responses=unavailable, tags=["model"])
-    def model_info(predictor: PredictorDep) -> dict:
-        "The serving champion: version, features, thresholds, metrics."
-        s = predictor.champion.scorer
-        if s is None:
-            raise HTTPException(503, predictor.champion.error or "no champion model loaded")
-        m = s.meta
-        metrics_ = m.get("metrics") or {}
-        if not metrics_ and m.get("search"):
-            metrics_ = {"valid_aucpr": m["search"][m.get("chosen", 0)]["valid_aucpr"]}
-        return {"version": s.version, "features": s.features, "thresholds": s.thresholds, "metrics": metrics_,
-                "trained_at": m.get("trained_at"), "train_window": m.get("train")}
-
-    @app.get("/healthz", tags=["ops"])
-    def healthz() -> dict:
-        "The process is up."
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["ops"], responses={503: {"description": "not ready: model or online store missing"}})
-    def readyz(predictor: PredictorDep) -> JSONResponse:
-        "Ready when a model is loaded and the online store answers."
-        s = predictor.champion.scorer
-        store_ok = predictor.online.ping()
-        body = {"ready": s is not None and store_ok, "model_version": s.version if s else None,
-                "model_error": predictor.champion.error, "online_store": "ok" if store_ok else
-                (predictor.online.last_error or "not configured")}
-        return JSONResponse(body, status_code=200 if body["ready"] else 503)
-
-    @app.get("/metrics", tags=["ops"], response_class=Response)
-    def prometheus(request: Request) -> Response:
-        "Prometheus metrics."
-        return Response(metrics.render(getattr(request.app.state, "predictor", None)), media_type=CONTENT_TYPE_LATEST)
-
+    app.include_router(router)
     return app
 
 # %% ../nbs/50_api.ipynb #4de55969
@@ -469,24 +497,23 @@ def serve(host: str | None = None,  # interface (default: settings.api_host)
           log_level: str = "info",  # uvicorn log level
          ) -> None:
     "Run the API with uvicorn until stopped (several workers: Prometheus multiprocess mode, see `metrics`)."
-    import os
     import uvicorn
     from fraud_detection.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
     s = get_settings()
     n = workers or s.api_workers
     if n > 1 or os.environ.get(MULTIPROC_ENV):  # before uvicorn spawns its workers
         prepare_multiprocess_dir(Path(os.environ.get(MULTIPROC_ENV) or s.api_metrics_dir or s.runs / "prometheus-api"))
-    os.environ["FRAUD_API_MASTER_PID"] = str(os.getpid())  # a handshake with `worker_app`, not a setting
-    factory = "fraud_detection.api:worker_app" if n > 1 else "fraud_detection.api:create_app"
-    uvicorn.run(factory, factory=True, host=host or s.api_host, port=port or s.api_port, workers=n, log_level=log_level,
-                access_log=False)
+    os.environ[_MASTER_PID] = str(os.getpid())  # a handshake with `served_app`, not a setting
+    uvicorn.run("fraud_detection.api:served_app", factory=True, host=host or s.api_host, port=port or s.api_port,
+                workers=n, log_level=log_level, access_log=False)
 
-def worker_app() -> FastAPI:
-    "The factory uvicorn's worker processes call: `create_app()`, in a process that dies with the uvicorn master."
-    import os
-    import sys
-    if sys.platform == "linux":  # PR_SET_PDEATHSIG: a SIGKILLed master (OOM, `kill -9 fraud up`) leaves no orphan
+_MASTER_PID = "FRAUD_API_MASTER_PID"
+
+def served_app() -> FastAPI:
+    "The factory `serve` gives uvicorn: `create_app(freeze_gc=True)`, in a worker process one that dies with the master."
+    master = os.environ.get(_MASTER_PID)
+    if master not in (None, str(os.getpid())) and sys.platform == "linux":  # a worker process of `serve`
         from fraud_detection.broker import _die_with_parent
         _die_with_parent()
-        if str(os.getppid()) != os.environ.get("FRAUD_API_MASTER_PID"): os._exit(1)  # it died before we asked
-    return create_app()
+        if str(os.getppid()) != master: os._exit(1)  # it died before we asked
+    return create_app(freeze_gc=True)

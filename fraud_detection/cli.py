@@ -120,7 +120,6 @@ def produce_cmd(
     _console().print(f"{report} → topic [bold]transactions[/] on {s.bootstrap_servers}")
     if report.failed: raise typer.Exit(1)
 
-# %% ../nbs/90_cli.ipynb #1db391bf
 @stream_app.command("work")
 def work_cmd(
     batch_size: Annotated[int, typer.Option(help="most messages per micro-batch")] = 5000,
@@ -134,6 +133,7 @@ def work_cmd(
     stats = run_worker(s, batch_size=batch_size, max_messages=max_messages, idle_exit=idle_exit)
     _console().print(f"{stats}\nresults in [bold]{s.database_url}[/]")
 
+# %% ../nbs/90_cli.ipynb #1db391bf
 @features_app.command("build")
 def features_build_cmd(
     as_of: Annotated[str | None, typer.Option(help="ISO time the features are as of (default: end of the training data)")] = None,
@@ -167,6 +167,7 @@ def features_apply_cmd():
     apply(get_store(s))
     _console().print(f"applied feature_repo definitions ({s.online_store} online store)")
 
+# %% ../nbs/90_cli.ipynb #af331da0
 @app.command("train")
 def train_cmd(
     margin: Annotated[float, typer.Option(help="PR-AUC by which a new model must beat the champion")] = 0.0,
@@ -205,6 +206,7 @@ def train_cmd(
         for line in report_text(json.loads(reports[-1].read_text())):  # full vs reference vs transaction-only
             _console().print(f"  {line}", soft_wrap=True)
 
+# %% ../nbs/90_cli.ipynb #3f5286d9
 @app.command("serve")
 def serve_cmd(
     host: Annotated[str | None, typer.Option(help="interface (default: FRAUD_API_HOST)")] = None,
@@ -230,6 +232,7 @@ def app_cmd(
     _console().print(f"analyst app on http://{host}:{port or s.app_port}")
     os.execvp(argv[0], argv)
 
+# %% ../nbs/90_cli.ipynb #7d6b11de
 @app.command("schedule")
 def schedule_cmd():
     "Run the scheduler: batch features and retraining on cron schedules (state in the results DB), retraining on drift."
@@ -269,9 +272,5 @@ def up_cmd(
 
 # %% ../nbs/90_cli.ipynb #ff450d22
 def main() -> None:
-    "Console-script entry point."
-    import os
-    # XGBoost's OpenMP threads spin while idle by default: on 2 shared cores that slows everything else 10-20x.
-    # Set before xgboost loads; children (`fraud up` services) inherit it.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    "Console-script entry point (`fraud`)."
     app()

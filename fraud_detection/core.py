@@ -5,8 +5,12 @@
 # %% ../nbs/00_core.ipynb #846bfdaa
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
+import signal
+import subprocess
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -16,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # %% auto #0
 __all__ = ['RAW_COLUMNS', 'PII_COLUMNS', 'IDENTITY_COLUMNS', 'CATEGORIES', 'RAW_TIME_FORMAT', 'DOB_FORMAT', 'find_home',
-           'Settings', 'get_settings', 'clean_schema', 'JsonFormatter', 'setup_logging']
+           'Settings', 'get_settings', 'clean_schema', 'JsonFormatter', 'setup_logging', 'stop_process_group']
 
 # %% ../nbs/00_core.ipynb #54e9c443
 def find_home(start: Path | None = None) -> Path:
@@ -28,8 +32,24 @@ def find_home(start: Path | None = None) -> Path:
             return d
     return start
 
+# %% ../nbs/00_core.ipynb #de750ee2
+class _Derived:
+    "The values `Settings` derives from its fields (a mixin: plain properties, not settings)."
+    @property
+    def data(self) -> Path: return Path(self.data_dir or self.home / "data")
+    @property
+    def runs(self) -> Path: return Path(self.runs_dir or self.home / "runs")
+    @property
+    def feature_repo(self) -> Path: return self.home / "feature_repo"
+    @property
+    def database_url(self) -> str: return self.db_url or f"sqlite:///{self.data / 'fraud.db'}"
+    @property
+    def bootstrap_servers(self) -> str: return self.kafka_bootstrap_servers or f"127.0.0.1:{self.broker_port}"
+    @property
+    def embedded_broker(self) -> bool: return self.kafka_bootstrap_servers is None
+
 # %% ../nbs/00_core.ipynb #895baeba
-class Settings(BaseSettings):
+class Settings(_Derived, BaseSettings):
     "All configuration of fraud-detection-service, from `FRAUD_*` environment variables with embedded defaults."
     model_config = SettingsConfigDict(env_prefix="FRAUD_", env_file=".env", extra="ignore")
 
@@ -83,19 +103,6 @@ class Settings(BaseSettings):
     log_format: Literal["rich", "json"] = "rich"  # FRAUD_LOG_FORMAT=json: one JSON object per line (containers)
     # batch features, training sets and training on Apache Spark (spark://host:7077); None = local polars
     spark_master: str | None = None
-
-    @property
-    def data(self) -> Path: return Path(self.data_dir or self.home / "data")
-    @property
-    def runs(self) -> Path: return Path(self.runs_dir or self.home / "runs")
-    @property
-    def feature_repo(self) -> Path: return self.home / "feature_repo"
-    @property
-    def database_url(self) -> str: return self.db_url or f"sqlite:///{self.data / 'fraud.db'}"
-    @property
-    def bootstrap_servers(self) -> str: return self.kafka_bootstrap_servers or f"127.0.0.1:{self.broker_port}"
-    @property
-    def embedded_broker(self) -> bool: return self.kafka_bootstrap_servers is None
 
 # %% ../nbs/00_core.ipynb #96a8c285
 @lru_cache
@@ -155,3 +162,23 @@ def setup_logging(level: str | int = "INFO") -> None:
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s", datefmt="[%X]"))
     logging.basicConfig(level=os.environ.get("FRAUD_LOG_LEVEL", level), handlers=[handler], force=True)
     root._fraud_configured = True
+
+# %% ../nbs/00_core.ipynb #2b084a64
+def stop_process_group(proc: subprocess.Popen,  # a child, best started with `start_new_session=True`
+                       sig: int = signal.SIGTERM,  # the polite signal (uvicorn: SIGINT)
+                       timeout: float = 10,  # seconds the group gets to exit before SIGKILL
+                      ) -> int:
+    "Send `sig` to `proc`'s process group, wait up to `timeout` s, SIGKILL what is left of the group; `proc`'s exit code."
+    try:
+        group = os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:  # reaped already: its group may still hold its children
+        group = True
+    send = functools.partial(os.killpg, proc.pid) if group else proc.send_signal
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            send(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        send(signal.SIGKILL)  # what ignored `sig`, and grandchildren left in the group
+    return proc.wait()

@@ -150,6 +150,7 @@ class DriftConfig:
         return cls(s.drift_psi_threshold, s.drift_score_psi_threshold, s.drift_rate_ratio, s.drift_rate_alpha,
                    s.drift_min_rows, s.drift_segment_rows)
 
+# %% ../nbs/61_drift.ipynb #c279058c
 SEGMENT_BY, SEGMENT_FEATURE = "category_code", "log_amt"  # amount within each merchant category
 
 def _segments(reference: pl.DataFrame, recent: pl.DataFrame, cfg: DriftConfig) -> list[dict]:
@@ -236,6 +237,7 @@ def champion_reference(settings=None, # default: get_settings()
     tmp = path.with_suffix(".tmp"); out.write_parquet(tmp); os.replace(tmp, path)
     return path
 
+# %% ../nbs/61_drift.ipynb #0c7fe8d2
 def serving_version(engine, # results database
                    ) -> str | None:
     "The model that scored the most recently scored transaction: the one serving now (None before any)."
@@ -271,6 +273,7 @@ class DriftCheck:
     top_psi: float | None  # its PSI
     report: pl.DataFrame | None  # from `assess`
 
+# %% ../nbs/61_drift.ipynb #ea176e30
 def check(settings=None, # default: get_settings()
           engine=None, # default: the results database
          ) -> DriftCheck:

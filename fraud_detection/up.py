@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .broker import _die_with_parent, free_port, port_open
-from .core import get_settings
+from .core import get_settings, stop_process_group
 
 # %% auto #0
 __all__ = ['SERVICES', 'fraud_cmd', 'port_free', 'wait_port', 'Service', 'ServiceFailed', 'port_holder', 'check_ports',
@@ -56,6 +56,7 @@ class Service:
 class ServiceFailed(RuntimeError):
     "A service kept crashing after its restarts, or could not start."
 
+# %% ../nbs/91_up.ipynb #d5848ad1
 def port_holder(port: int, # TCP port
                ) -> str:
     "Who listens on `port`: 'pid N (command line)', or a hint when the owner cannot be seen."
@@ -130,15 +131,8 @@ class Supervisor:
         "Stop services in reverse start order (SIGTERM to each process group, SIGKILL after `timeout` s)."
         # reverse order: the worker commits its last batch while the broker it depends on still runs
         for svc in reversed(self.services):
-            if svc.proc is None: continue
-            if svc.proc.poll() is None:
-                try: os.killpg(svc.proc.pid, signal.SIGTERM)
-                except ProcessLookupError: pass
-                try: svc.proc.wait(timeout)
-                except subprocess.TimeoutExpired: pass
-            try: os.killpg(svc.proc.pid, signal.SIGKILL)  # the group may still hold grandchildren
-            except (ProcessLookupError, PermissionError): pass
-            svc.proc.wait()
+            if svc.proc is not None:
+                stop_process_group(svc.proc, signal.SIGTERM, timeout)
 
 # %% ../nbs/91_up.ipynb #ab8a4205
 def bootstrap(scale: str = "demo", # simulator scale when there is no raw data
@@ -189,6 +183,7 @@ def plan_services(settings=None, rate: float = 50.0, limit: int | None = None,
             Service("producer", fraud_cmd(*produce), oneshot=True)]
     return [svc for svc in plan if svc is not None and svc.name in only]
 
+# %% ../nbs/91_up.ipynb #356c358d
 def first_scored(settings=None) -> int:
     "How many transactions the results store holds (0 if none or not created yet)."
     import sqlalchemy as sa
@@ -199,6 +194,7 @@ def first_scored(settings=None) -> int:
     except Exception:
         return 0
 
+# %% ../nbs/91_up.ipynb #5c2b7fde
 def up(scale: str = "demo", # simulator scale if there is no data yet
        rate: float = 50.0, # replay rate, transactions per second
        limit: int | None = None, # replay only the first N test transactions

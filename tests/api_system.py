@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import polars as pl
 
-from fraud_detection.core import Settings
+from fraud_detection.core import Settings, stop_process_group
 from fraud_detection.feature_store import (
     MERCHANT_RISK_OFFLINE,
     apply,
@@ -121,11 +121,5 @@ def start_server(settings: Settings, port: int, workers: int = 1, timeout_s: flo
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    "SIGINT (uvicorn's graceful stop) to the server's process group, then wait."
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+    "SIGINT (uvicorn's graceful stop) to the server's process group, then wait (SIGKILL after 15 s)."
+    stop_process_group(proc, signal.SIGINT, timeout=15)

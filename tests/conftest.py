@@ -9,8 +9,6 @@ import contextlib
 import os
 import shutil
 import uuid
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before xgboost loads: idle OpenMP threads must not spin
 from collections.abc import Iterator
 from pathlib import Path
 

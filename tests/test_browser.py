@@ -23,6 +23,7 @@ from chromium import chromium_page
 from fraud_detection import results as R
 from fraud_detection.app import app_command
 from fraud_detection.broker import free_port
+from fraud_detection.core import stop_process_group
 
 pytestmark = pytest.mark.browser
 
@@ -59,13 +60,7 @@ def app_server(tmp_path_factory) -> Iterator[dict]:
             time.sleep(0.3)
         yield {"base": base, **info}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc, signal.SIGTERM, timeout=10)
         R.get_engine(info["url"]).dispose()
 
 

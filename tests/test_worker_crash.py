@@ -22,6 +22,7 @@ from worker_data import (
 )
 
 from fraud_detection.broker import TOPIC_PREDICTIONS
+from fraud_detection.core import stop_process_group
 from fraud_detection.producer import replay
 from fraud_detection.worker import STEPS
 
@@ -53,8 +54,7 @@ def _kill_randomly(data, bootstrap, log, kills: int, seed: int) -> list[int]:
             time.sleep(rng.uniform(0.0, 0.6))  # somewhere inside some batch: parse, score, publish, write, push...
             assert w.poll() is None, f"worker exited early:\n{log.read_text()[-2000:]}"
         finally:
-            w.send_signal(signal.SIGKILL)
-            w.wait()
+            stop_process_group(w, signal.SIGKILL)
         seen.append(result_count(db_url(data)))
     return seen
 
