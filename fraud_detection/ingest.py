@@ -118,6 +118,7 @@ def rejects_schema() -> dict[str, pl.DataType]:
     return {"row": pl.Int64, "trans_num": pl.String, "reason": pl.String, "customer_id": pl.String,
             **dict.fromkeys(rest, pl.String)}
 
+# %% ../nbs/02_ingest.ipynb #d43c0860
 def _validate(lf: pl.LazyFrame,  # raw rows (a whole file, or one chunk of it)
               offset: int = 0,  # row number of the first row (a chunk's position in its file)
               earlier: pl.Series | None = None,  # per row: its trans_num was in an earlier chunk (a duplicate)
@@ -208,6 +209,7 @@ class FileReport:
         more = f" (+{len(self.reasons) - n} more)" if len(self.reasons) > n else ""
         return sep.join(f"{r} ×{k:,}" for r, k in list(self.reasons.items())[:n]) + more
 
+# %% ../nbs/02_ingest.ipynb #e7d8b330
 @dataclass
 class IngestReport:
     "What ingest did with all its input files."
@@ -310,6 +312,7 @@ def _sorted_across(bounds: list[tuple]) -> bool:
     "Whether chunks whose (first, last) sort keys are `bounds` are already in order one after the other."
     return all(a[1] <= b[0] for a, b in zip(bounds, bounds[1:], strict=False))
 
+# %% ../nbs/02_ingest.ipynb #ca0dd6b9
 def ingest_file(path: Path,  # Kaggle CSV or simulator parquet
                 out_dir: Path,  # clean parquet goes here, rejects under out_dir/rejects
                 key: str,  # secret key of the customer-id HMAC

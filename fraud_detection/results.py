@@ -81,6 +81,7 @@ predictions = sa.Table(
     sa.CheckConstraint("decision IN ('approve', 'review', 'decline')", name="ck_predictions_decision"),
 )
 
+# %% ../nbs/45_results.ipynb #3437eb76
 labels = sa.Table(
     "labels", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -170,6 +171,7 @@ def _prediction_rows(rows: Iterable[dict]) -> list[dict]:
         out.append({k: _plain(v) if isinstance(v, float) else v for k, v in r.items()})
     return out
 
+# %% ../nbs/45_results.ipynb #90ec6d31
 def _prediction_frame(rows: pl.DataFrame | Iterable[dict]) -> pl.DataFrame:
     "The same rules column by column: first row per trans_num, nested values as JSON text, NaN → null, naive UTC."
     df = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(_prediction_rows(rows), infer_schema_length=None)
@@ -323,6 +325,7 @@ def _alert_filter(since: datetime | None, until: datetime | None, decisions: Seq
         where.append(c.category.in_(list(categories)))
     return where
 
+# %% ../nbs/45_results.ipynb #862cef6f
 ALERT_COLUMNS = ["trans_num", "ts", "customer_id", "merchant", "category", "amt", "state", "fraud_probability",
                  "decision", "model_version", "reasons", "scored_at"]
 
@@ -453,6 +456,7 @@ def _label_message(row: dict) -> bytes:
     keys = ("id", "trans_num", "label", "note", "analyst", "labelled_at", "source")
     return json.dumps({k: row.get(k) for k in keys}, default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v)).encode()
 
+# %% ../nbs/45_results.ipynb #ed312e45
 def publish_labels(rows: Sequence[dict], # label rows (as in the labels table)
                    bootstrap: str | None = None, # default: settings.bootstrap_servers
                    timeout: float = 3.0, # seconds to wait for delivery reports
@@ -487,6 +491,7 @@ def publish_labels(rows: Sequence[dict], # label rows (as in the labels table)
         return delivered, f"published to topic '{TOPIC_LABELS}'"
     return delivered, f"{len(rows) - len(delivered)} of {len(rows)} not published to '{TOPIC_LABELS}' ({errors[0] if errors else 'timed out'})"
 
+# %% ../nbs/45_results.ipynb #2f5d9233
 def _mark_published(engine: Engine, ids: Sequence[int]) -> None:
     if ids:
         with engine.begin() as conn:

@@ -379,6 +379,7 @@ class WorkerStats:
                 "freshness_p50_ms": self.freshness(50), "freshness_p99_ms": self.freshness(99),
                 "stages": {k: round(v, 3) for k, v in self.stages.items()}}
 
+# %% ../nbs/42_worker.ipynb #2b4362d3
 class _Timer:
     "Adds the wall time of each `with timer('step'):` block to a stages dict."
     def __init__(self, stages: dict[str, float]):
@@ -392,10 +393,6 @@ class _Timer:
         self.stages[self.step] = self.stages.get(self.step, 0.0) + time.perf_counter() - self.t0
 
 # %% ../nbs/42_worker.ipynb #5d9281e8
-_REBALANCING = {"REBALANCE_IN_PROGRESS", "ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "FENCED_INSTANCE_ID",
-                "_ASSIGNMENT_LOST", "_STATE"}  # commit refusals that mean "not (or no longer) the owner"
-STEPS = ("publish", "write", "push", "commit")  # crash points of `crash_after` (after DLQ+publish, results, state, commit)
-
 class StreamWorker:
     "One consumer-group member's batch processing (the poll loop is `run_worker`)."
     def __init__(self,
@@ -443,119 +440,162 @@ class StreamWorker:
         if err is not None:
             self._errors.append(f"{msg.topic()}: {err}")
 
-    def _checkpoint(self, step: str) -> None:
-        "Fault injection: die here, like kill -9, if told to."
-        if self.crash_after == (step, self.stats.batches + 1):
-            log.warning("%s: crash injected after %s of batch %d", self.stats.worker_id, step, self.stats.batches + 1)
-            os.kill(os.getpid(), signal.SIGKILL)
-
     def process(self, msgs: list[Message]) -> None:
         "Parse, dead-letter, feature, score, publish, persist, push state, commit one micro-batch."
-        from confluent_kafka import TopicPartition
-        t0, tm, st = time.perf_counter(), self._time, self.stats
-        if st.first_batch is None:
-            st.first_batch = t0
-        batch_id = (msgs[0].partition(), msgs[0].offset(), len(msgs))  # this batch (retried as is if a step fails)
-        carried = self._carried[1] if self._carried[0] == batch_id else 0  # rows written by failed attempts at it
-        with tm("parse"):
-            parsed = parse_batch(msgs)
-        with tm("state_read"):
-            state = self.cache.get(parsed.frame["customer_id"].to_list())
-        with tm("dedupe"):
-            scored = scored_trans_nums(self.engine, parsed.frame["trans_num"].to_list())
-            batch = triage(parsed.frame, state, scored)
-            todo = batch.filter(~pl.col("_applied"))
-            stale = batch.filter(pl.col("_applied") & ~pl.col("_scored"))
-        rejects = parsed.rejects + [(i, f"stale: {tn} at {ts.isoformat()} is not after its customer's last applied "
-                                        "transaction") for i, tn, ts in stale.select("_i", "trans_num", "ts").iter_rows()]
-        with tm("features"):  # rows that make features or scoring raise: to the DLQ (see `isolate_features`)
-            features = partial(self._features, risk=self.merchant_risk.current())
-            feats, new_state, failed = isolate_features(features, state, todo, self.retries) if todo.height else \
-                (todo, empty_state(), [])
-            feats = feats.filter(~pl.col("_scored"))
-        with tm("score"):
-            rows, refused = isolate_scores(self._score, feats, self.retries) if feats.height else (None, [])
-        rejects += failed + refused
-        with tm("publish"):
-            self._errors.clear()
-            for i, reason in rejects:
-                r = msgs[i]
-                send_to_dlq(self.producer, r.value(), reason, r.topic(), r.partition(), r.offset(), key=r.key(),
-                            on_delivery=self._delivered)
-            if rows is not None:
-                publish_predictions(self.producer, rows, self._delivered)
-            left = self.producer.flush(self.flush_timeout)
-            if left or self._errors:
-                raise RuntimeError(f"{left} messages unacknowledged, {len(self._errors)} failed "
-                                   f"({self._errors[:1]}): not committing; the batch will be redelivered")
-        self._checkpoint("publish")
-        with tm("write"):
-            written = write_predictions(self.engine, rows) if rows is not None else 0
-            self._carried = (batch_id, carried + written)  # if a later step fails, the retry finds these rows done
-        self._checkpoint("write")
-        with tm("push"):
-            if new_state.height:
-                push_state(self.store, new_state, to="offline")  # offline first: see "Why a crash loses nothing"
-                push_state(self.store, new_state, to="online")
-                self.cache.update(new_state)
-        self._checkpoint("push")
-        with tm("commit"):
-            last: dict[int, int] = {}
-            for msg in msgs:
-                last[msg.partition()] = max(last.get(msg.partition(), -1), msg.offset())
-            self._commit([TopicPartition(TOPIC_TRANSACTIONS, p, o + 1) for p, o in sorted(last.items())])
-        self._checkpoint("commit")
-        st.batches += 1
-        st.messages += len(msgs)
-        st.scored += carried + written
-        self._carried = (None, 0)
-        st.dlq += len(rejects)
-        for _, reason in rejects:
-            code = reason.split(":", 1)[0]
-            st.dlq_reasons[code] = st.dlq_reasons.get(code, 0) + 1
-        st.stale += stale.height
-        st.model_version = self.models.champion.version
-        st.duplicates += parsed.frame.height - stale.height - feats.height - len(failed) - carried  # the rest
-        if rows is not None:
-            st.freshness_ms.extend(rows["latency_ms"].drop_nulls().to_list())
-        st.last_batch = time.perf_counter()
-        st.seconds += st.last_batch - t0
+        t0 = time.perf_counter()
+        if self.stats.first_batch is None:
+            self.stats.first_batch = t0
+        b = _score_batch(self, msgs)  # parse, read state, dedupe, features, scores: nothing sent or written yet
+        _deliver(self, msgs, b)  # publish, write, push state, commit
+        _tally(self.stats, len(msgs), b, self.models.champion.version, t0)
 
-    def _features(self, state: pl.DataFrame, todo: pl.DataFrame, risk: pl.DataFrame | None,
-                 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-        "(feature rows, new state) of transactions; RowError('feature_error') if the feature code raises."
-        try:
-            return incremental_features(state, todo, risk)
-        except Exception as e:
-            raise RowError("feature_error", e) from e
+# %% ../nbs/42_worker.ipynb #1f2f68a9
+def _features(state: pl.DataFrame, todo: pl.DataFrame, risk: pl.DataFrame | None,
+             ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    "(feature rows, new state) of transactions; RowError('feature_error') if the feature code raises."
+    try:
+        return incremental_features(state, todo, risk)
+    except Exception as e:
+        raise RowError("feature_error", e) from e
 
-    def _score(self, feats: pl.DataFrame) -> pl.DataFrame:
-        "Results rows of feature rows; RowError('model_error') if a model raises."
-        try:
-            return prediction_rows(feats, self.models.champion, self.models.challenger, self.explain, self.top_k)
-        except Exception as e:
-            raise RowError("model_error", e) from e
+def _score(feats: pl.DataFrame, models: Models, explain: Explain, top_k: int) -> pl.DataFrame:
+    "Results rows of feature rows; RowError('model_error') if a model raises."
+    try:
+        return prediction_rows(feats, models.champion, models.challenger, explain, top_k)
+    except Exception as e:
+        raise RowError("model_error", e) from e
 
-    def _produce(self, topic: str, key: bytes, value: bytes) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value=value, key=key, on_delivery=self._delivered)
-                return
-            except BufferError:  # the client's queue is full: let deliveries drain
-                self.producer.poll(0.05)
+def _stale_rejects(stale: pl.DataFrame) -> list[tuple[int, str]]:
+    "(`_i`, reason) of stale transactions (already applied to their customer's state, not scored)."
+    return [(i, f"stale: {tn} at {ts.isoformat()} is not after its customer's last applied "
+                "transaction") for i, tn, ts in stale.select("_i", "trans_num", "ts").iter_rows()]
 
-    def _commit(self, offsets: list) -> None:
-        "Commit synchronously; a refusal because of a rebalance only drops the cache."
-        from confluent_kafka import KafkaException
-        try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as e:
-            if e.args[0].name() not in _REBALANCING:
-                raise
-            self.stats.commits_refused += 1
-            self.cache.clear()
-            log.warning("%s: commit refused (%s): another member redoes the batch", self.stats.worker_id,
-                        e.args[0].name())
+# %% ../nbs/42_worker.ipynb #24710b40
+@dataclass
+class _Batch:
+    "A micro-batch between its two halves: computed by `_score_batch`, delivered by `_deliver`."
+    id: tuple[int, int, int]  # (partition, offset, size): the same batch when it is retried
+    carried: int  # rows written by failed attempts at it
+    valid: int  # valid transactions parsed
+    stale: int  # of which stale
+    feats: pl.DataFrame  # feature rows of the transactions not scored before
+    failed: int  # transactions whose features raised
+    new_state: pl.DataFrame  # customer state to push
+    rows: pl.DataFrame | None  # results rows (None: nothing scored)
+    rejects: list[tuple[int, str]]  # (message index, reason) for the DLQ
+    written: int = 0  # results rows written by this attempt
+
+def _score_batch(w: StreamWorker, msgs: list[Message]) -> _Batch:
+    "Parse, read state, dedupe, compute features and score one batch; the rows that raise become rejects."
+    tm = w._time
+    batch_id = (msgs[0].partition(), msgs[0].offset(), len(msgs))  # this batch (retried as is if a step fails)
+    carried = w._carried[1] if w._carried[0] == batch_id else 0  # rows written by failed attempts at it
+    with tm("parse"):
+        parsed = parse_batch(msgs)
+    with tm("state_read"):
+        state = w.cache.get(parsed.frame["customer_id"].to_list())
+    with tm("dedupe"):
+        scored = scored_trans_nums(w.engine, parsed.frame["trans_num"].to_list())
+        batch = triage(parsed.frame, state, scored)
+        todo = batch.filter(~pl.col("_applied"))
+        stale = batch.filter(pl.col("_applied") & ~pl.col("_scored"))
+    rejects = parsed.rejects + _stale_rejects(stale)
+    with tm("features"):  # rows that make features or scoring raise: to the DLQ (see `isolate_features`)
+        features = partial(_features, risk=w.merchant_risk.current())
+        feats, new_state, failed = isolate_features(features, state, todo, w.retries) if todo.height else \
+            (todo, empty_state(), [])
+        feats = feats.filter(~pl.col("_scored"))
+    with tm("score"):
+        score = partial(_score, models=w.models, explain=w.explain, top_k=w.top_k)
+        rows, refused = isolate_scores(score, feats, w.retries) if feats.height else (None, [])
+    return _Batch(batch_id, carried, parsed.frame.height, stale.height, feats, len(failed), new_state, rows,
+                  rejects + failed + refused)
+
+# %% ../nbs/42_worker.ipynb #647ae080
+STEPS = ("publish", "write", "push", "commit")  # crash points of `crash_after` (after DLQ+publish, results, state, commit)
+_REBALANCING = {"REBALANCE_IN_PROGRESS", "ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "FENCED_INSTANCE_ID",
+                "_ASSIGNMENT_LOST", "_STATE"}  # commit refusals that mean "not (or no longer) the owner"
+
+def _checkpoint(w: StreamWorker, step: str) -> None:
+    "Fault injection: die here, like kill -9, if told to."
+    if w.crash_after == (step, w.stats.batches + 1):
+        log.warning("%s: crash injected after %s of batch %d", w.stats.worker_id, step, w.stats.batches + 1)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def _offsets(msgs: list[Message]) -> list:
+    "The offsets to commit after `msgs`: the last offset + 1 of each partition, in partition order."
+    from confluent_kafka import TopicPartition
+    last: dict[int, int] = {}
+    for msg in msgs:
+        last[msg.partition()] = max(last.get(msg.partition(), -1), msg.offset())
+    return [TopicPartition(TOPIC_TRANSACTIONS, p, o + 1) for p, o in sorted(last.items())]
+
+def _commit(w: StreamWorker, offsets: list) -> None:
+    "Commit synchronously; a refusal because of a rebalance only drops the cache."
+    from confluent_kafka import KafkaException
+    try:
+        w.consumer.commit(offsets=offsets, asynchronous=False)
+    except KafkaException as e:
+        if e.args[0].name() not in _REBALANCING:
+            raise
+        w.stats.commits_refused += 1
+        w.cache.clear()
+        log.warning("%s: commit refused (%s): another member redoes the batch", w.stats.worker_id,
+                    e.args[0].name())
+
+# %% ../nbs/42_worker.ipynb #831e6b03
+def _publish(w: StreamWorker, msgs: list[Message], rejects: list[tuple[int, str]], rows: pl.DataFrame | None) -> None:
+    "Send the rejects to the DLQ and the results rows out; raise unless the broker acknowledged every message."
+    w._errors.clear()
+    for i, reason in rejects:
+        r = msgs[i]
+        send_to_dlq(w.producer, r.value(), reason, r.topic(), r.partition(), r.offset(), key=r.key(),
+                    on_delivery=w._delivered)
+    if rows is not None:
+        publish_predictions(w.producer, rows, w._delivered)
+    left = w.producer.flush(w.flush_timeout)
+    if left or w._errors:
+        raise RuntimeError(f"{left} messages unacknowledged, {len(w._errors)} failed "
+                           f"({w._errors[:1]}): not committing; the batch will be redelivered")
+
+def _deliver(w: StreamWorker, msgs: list[Message], b: _Batch) -> None:
+    "Publish, write the results rows, push the state, commit: a crash point after each step."
+    tm = w._time
+    with tm("publish"):
+        _publish(w, msgs, b.rejects, b.rows)
+    _checkpoint(w, "publish")
+    with tm("write"):
+        b.written = write_predictions(w.engine, b.rows) if b.rows is not None else 0
+        w._carried = (b.id, b.carried + b.written)  # if a later step fails, the retry finds these rows done
+    _checkpoint(w, "write")
+    with tm("push"):
+        if b.new_state.height:
+            push_state(w.store, b.new_state, to="offline")  # offline first: see "Why a crash loses nothing"
+            push_state(w.store, b.new_state, to="online")
+            w.cache.update(b.new_state)
+    _checkpoint(w, "push")
+    with tm("commit"):
+        _commit(w, _offsets(msgs))
+    _checkpoint(w, "commit")
+    w._carried = (None, 0)
+
+# %% ../nbs/42_worker.ipynb #d048d9ba
+def _tally(st: WorkerStats, n: int, b: _Batch, model_version: str | None, t0: float) -> None:
+    "Count a committed batch of `n` messages into `st` (`t0`: perf_counter at its start)."
+    st.batches += 1
+    st.messages += n
+    st.scored += b.carried + b.written
+    st.dlq += len(b.rejects)
+    for _, reason in b.rejects:
+        code = reason.split(":", 1)[0]
+        st.dlq_reasons[code] = st.dlq_reasons.get(code, 0) + 1
+    st.stale += b.stale
+    st.model_version = model_version
+    st.duplicates += b.valid - b.stale - b.feats.height - b.failed - b.carried  # the rest
+    if b.rows is not None:
+        st.freshness_ms.extend(b.rows["latency_ms"].drop_nulls().to_list())
+    st.last_batch = time.perf_counter()
+    st.seconds += st.last_batch - t0
 
 # %% ../nbs/42_worker.ipynb #95180b5b
 def _fatal(e: Exception) -> bool:
@@ -627,6 +667,58 @@ def _crash_after() -> tuple[str, int] | None:
 
 STORE_TIMEOUT_S = 10.0  # the worker's online-store deadline (the YAML's 50 ms is the API's per-request budget)
 
+# %% ../nbs/42_worker.ipynb #7e84f674
+def _make_worker(s: Settings, engine: Engine, explain: Explain, wid: str, st: WorkerStats) -> StreamWorker:
+    "A worker with its services: the Feast store (definitions registered if need be), the models, Kafka clients."
+    from confluent_kafka import Consumer, Producer
+    store = get_store(s, timeout=STORE_TIMEOUT_S)
+    if CUSTOMER_VIEW not in {v.name for v in store.list_feature_views()}:
+        apply(store)  # no batch run yet: register the definitions so pushes have a place to go
+    models = Models(s.data / "registry")
+    quiet = {"client_id": wid, "log_connection_close": False}  # a broker going away is logged by errors, not noise
+    consumer = Consumer(consumer_config(s.bootstrap_servers, s.consumer_group, **quiet))
+    producer = Producer(producer_config(s.bootstrap_servers, **quiet))
+    return StreamWorker(consumer, producer, store, engine, models, MerchantRisk(s.data / MERCHANT_RISK_OFFLINE),
+                        explain=explain, worker_id=wid, crash_after=_crash_after(), stats=st)
+
+def _trap_signals(stop: threading.Event) -> dict:
+    "Make SIGTERM/SIGINT set `stop` (in the main thread only); returns the handlers to restore."
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            handlers[sig] = signal.signal(sig, lambda *_: stop.set())
+    return handlers
+
+def _poll(consumer: Consumer, n: int, max_wait: float, wid: str) -> list[Message]:
+    "Up to `n` messages within `max_wait` seconds; client errors are logged, a fatal one raises."
+    from confluent_kafka import KafkaException
+    msgs = []
+    for m in consumer.consume(n, max_wait):
+        if m.error() is None:
+            msgs.append(m)
+        elif m.error().fatal():
+            raise KafkaException(m.error())
+        else:
+            log.warning("%s: consumer: %s", wid, m.error())
+    return msgs
+
+def _close(worker: StreamWorker, engine: Engine, handlers: dict, exporter, reported: tuple[int, int],
+           last_report: float, wid: str) -> None:
+    "Restore the signal handlers, stop the exporter, leave the group, flush, write the last worker_stats row."
+    for sig, h in handlers.items():
+        signal.signal(sig, h)
+    if exporter is not None:
+        exporter.shutdown()
+    worker.consumer.close()  # leave the group: partitions move to the other members now
+    worker.producer.flush(10)
+    worker.consumer = worker.producer = None  # free the clients now (callbacks make a reference cycle)
+    if worker.stats.messages > reported[0]:
+        try:
+            _report(worker, engine, reported, time.monotonic() - last_report, lag=False)
+        except Exception as e:  # noqa: BLE001 - do not hide why the loop ended
+            log.warning("%s: last worker_stats row not written: %s", wid, e)
+
+# %% ../nbs/42_worker.ipynb #45d39e6b
 def run_worker(settings: Settings | None = None,  # default: get_settings()
                *,
                max_messages: int | None = None,  # stop after this many messages (None: run until stopped)
@@ -640,7 +732,6 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
                stats: WorkerStats | None = None,  # counters to fill while running (default: new ones; returned)
               ) -> WorkerStats:
     "Run one stream worker of the consumer group until stopped; returns what it did."
-    from confluent_kafka import Consumer, KafkaException, Producer
     s = settings or get_settings()
     stop = stop_event or threading.Event()
     wait_for_broker(s.bootstrap_servers, timeout=30.0)
@@ -650,22 +741,11 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
     engine = get_engine(s.database_url)
     if not retry_until_done(lambda: create_tables(engine), st, stop, "opening the results database"):
         return st
-    store = get_store(s, timeout=STORE_TIMEOUT_S)
-    if CUSTOMER_VIEW not in {v.name for v in store.list_feature_views()}:
-        apply(store)  # no batch run yet: register the definitions so pushes have a place to go
-    models = Models(s.data / "registry")
-    quiet = {"client_id": wid, "log_connection_close": False}  # a broker going away is logged by errors, not noise
-    consumer = Consumer(consumer_config(s.bootstrap_servers, s.consumer_group, **quiet))
-    producer = Producer(producer_config(s.bootstrap_servers, **quiet))
-    worker = StreamWorker(consumer, producer, store, engine, models, MerchantRisk(s.data / MERCHANT_RISK_OFFLINE),
-                          explain=explain, worker_id=wid, crash_after=_crash_after(), stats=st)
-    exporter = _serve_metrics(s, worker, models)
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            handlers[sig] = signal.signal(sig, lambda *_: stop.set())
-    consumer.subscribe([TOPIC_TRANSACTIONS], on_assign=worker.on_assign, on_revoke=worker.on_revoke,
-                       on_lost=worker.on_lost)
+    worker = _make_worker(s, engine, explain, wid, st)
+    exporter = _serve_metrics(s, worker, worker.models)
+    handlers = _trap_signals(stop)
+    worker.consumer.subscribe([TOPIC_TRANSACTIONS], on_assign=worker.on_assign, on_revoke=worker.on_revoke,
+                              on_lost=worker.on_lost)
     log.info("%s: consuming %s as group %s from %s", wid, TOPIC_TRANSACTIONS, s.consumer_group, s.bootstrap_servers)
     last_msg = last_report = time.monotonic()
     reported = (0, 0)
@@ -674,14 +754,7 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
             want = batch_size if max_messages is None else min(batch_size, max_messages - st.messages)
             if want <= 0:
                 break
-            msgs = []
-            for m in consumer.consume(want, max_wait):
-                if m.error() is None:
-                    msgs.append(m)
-                elif m.error().fatal():
-                    raise KafkaException(m.error())
-                else:
-                    log.warning("%s: consumer: %s", wid, m.error())
+            msgs = _poll(worker.consumer, want, max_wait, wid)
             now = time.monotonic()
             if msgs:  # a dependency down: pause and retry the same batch (nothing committed, nothing lost)
                 if not retry_until_done(partial(worker.process, msgs), st, stop, "batch", on_error=worker.cache.clear):
@@ -697,23 +770,13 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
                 except Exception as e:  # noqa: BLE001 - statistics wait for the database; the stream does not
                     log.warning("%s: worker_stats row not written: %s", wid, e)
                 last_report = now
-                _refresh_models(models, st)
+                _refresh_models(worker.models, st)
     finally:
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
-        if exporter is not None:
-            exporter.shutdown()
-        consumer.close()  # leave the group: partitions move to the other members now
-        producer.flush(10)
-        worker.consumer = worker.producer = None  # free the clients now (callbacks make a reference cycle)
-        if st.messages > reported[0]:
-            try:
-                _report(worker, engine, reported, time.monotonic() - last_report, lag=False)
-            except Exception as e:  # noqa: BLE001 - do not hide why the loop ended
-                log.warning("%s: last worker_stats row not written: %s", wid, e)
+        _close(worker, engine, handlers, exporter, reported, last_report, wid)
     log.info("%s: stopped: %s", wid, json.dumps(st.summary()))
     return st
 
+# %% ../nbs/42_worker.ipynb #034e0e0e
 def _serve_metrics(s: Settings, worker: StreamWorker, models: Models):
     "The worker's Prometheus exporter on `s.worker_metrics_port` (0: none), or None if the port is taken."
     if not s.worker_metrics_port:
@@ -750,6 +813,7 @@ def _report(worker: StreamWorker, engine: Engine, reported: tuple[int, int], sec
              n / max(seconds, 1e-9), dlq, behind, None if st.freshness() is None else round(st.freshness()))
     return st.messages, st.dlq
 
+# %% ../nbs/42_worker.ipynb #d1b1a072
 def main(argv: list[str] | None = None,  # command-line arguments (default: sys.argv[1:])
         ) -> None:
     "Entry point of one stream worker (settings from FRAUD_* variables); prints its summary as JSON at the end."
