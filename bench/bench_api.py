@@ -211,7 +211,7 @@ def main() -> None:
         "  of which Scorer.score_row (+SHAP)": lambda tx: scorer.score_row(feats_of[tx.trans_num], True, ApiConfig.top_k),
         "  of which Scorer.score_row (no SHAP)": lambda tx: scorer.score_row(feats_of[tx.trans_num], False)}
     gc.collect()
-    gc.freeze()  # as the server does after its warm-up (api.create_app's lifespan)
+    gc.freeze()  # as the server does after its warm-up (api.served_app, the factory serve() runs)
     runs: dict[str, list] = {"floor": [], "inproc": [], **{k: [] for k in parts}}
     for _ in range(a.runs):
         runs["floor"].append(timed(floor, rows, a.calls))

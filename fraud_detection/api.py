@@ -31,10 +31,9 @@ from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, Field
 
-from .core import Settings, get_settings
+from .core import DECISIONS, Settings, get_settings
 from .features import RISK_ENTITIES, RISK_SCHEMA, STATE_SCHEMA, empty_state, incremental_features, request_row
 from .metrics import exposition
-from .model import DECISIONS
 from .schema import Transaction, to_frame
 
 if TYPE_CHECKING:
@@ -51,7 +50,7 @@ __all__ = ['log', 'Decision', 'PredictorDep', 'ApiKey', 'Explain', 'TopK', 'rout
            'healthz', 'readyz', 'prometheus', 'create_app', 'serve', 'served_app']
 
 # %% ../nbs/50_api.ipynb #bfdd2115
-Decision = Literal[DECISIONS]  # the model's decisions, one definition (`model.DECISIONS`)
+Decision = Literal[DECISIONS]  # the model's decisions, one definition (`core.DECISIONS`)
 
 class Reason(BaseModel):
     "One SHAP reason: a model input, its value for this transaction, its contribution to the log-odds."

@@ -5,6 +5,7 @@
 # %% ../nbs/90_cli.ipynb #3dbd1b48
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -123,15 +124,21 @@ def produce_cmd(
 @stream_app.command("work")
 def work_cmd(
     batch_size: Annotated[int, typer.Option(help="most messages per micro-batch")] = 5000,
+    max_wait: Annotated[float, typer.Option(help="seconds a poll waits for a full batch")] = 0.2,
     max_messages: Annotated[int | None, typer.Option(help="stop after N messages")] = None,
     idle_exit: Annotated[float | None, typer.Option(help="stop after N idle seconds")] = None,
+    explain: Annotated[str, typer.Option(help="rows that get SHAP reasons: flagged | all | none")] = "flagged",
 ):
     "Run a stream worker (consumer-group member): features, scoring, alerts, results, online store."
     from fraud_detection.worker import run_worker
+    reasons = {"flagged": "flagged", "all": True, "none": False}
+    if explain not in reasons: raise typer.BadParameter(f"--explain must be one of {list(reasons)}, got {explain!r}")
     s = _init()
     _need_broker(s)
-    stats = run_worker(s, batch_size=batch_size, max_messages=max_messages, idle_exit=idle_exit)
-    _console().print(f"{stats}\nresults in [bold]{s.database_url}[/]")
+    stats = run_worker(s, batch_size=batch_size, max_wait=max_wait, max_messages=max_messages, idle_exit=idle_exit,
+                       explain=reasons[explain])
+    _console().print(f"results in [bold]{s.database_url}[/]; the worker's summary:")
+    print(json.dumps(stats.summary()), flush=True)  # last line, plain JSON: for supervisors and tests
 
 # %% ../nbs/90_cli.ipynb #1db391bf
 @features_app.command("build")
@@ -184,7 +191,11 @@ def train_cmd(
     if engine not in ("memory", "external", "spark"): raise typer.BadParameter(f"unknown engine {engine!r}")
     if engine != "memory":
         from fraud_detection.partitioned import train_at_scale
-        out = train_at_scale(engine, margin=margin, echo=_console().print)
+        labels = None
+        if labels_from_db:  # the same analyst labels the memory path's notebook reads (applied by `model.relabel`)
+            from fraud_detection.results import get_engine, read_labels
+            labels = read_labels(get_engine(s.database_url))
+        out = train_at_scale(engine, margin=margin, echo=_console().print, labels=labels)
         al = registry.aliases()
         _console().print(f"{out['decision']['version']}: {out['decision']['decision']} ({out['decision'].get('reason')}); "
                          f"champion [bold]{al['champion']}[/], challenger {al['challenger']}; training set {out['training_set']}")

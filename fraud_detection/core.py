@@ -19,8 +19,9 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # %% auto #0
-__all__ = ['RAW_COLUMNS', 'PII_COLUMNS', 'IDENTITY_COLUMNS', 'CATEGORIES', 'RAW_TIME_FORMAT', 'DOB_FORMAT', 'find_home',
-           'Settings', 'get_settings', 'clean_schema', 'JsonFormatter', 'setup_logging', 'stop_process_group']
+__all__ = ['RAW_COLUMNS', 'PII_COLUMNS', 'IDENTITY_COLUMNS', 'CATEGORIES', 'DECISIONS', 'RAW_TIME_FORMAT', 'DOB_FORMAT',
+           'find_home', 'Settings', 'get_settings', 'clean_schema', 'JsonFormatter', 'setup_logging',
+           'stop_process_group']
 
 # %% ../nbs/00_core.ipynb #54e9c443
 def find_home(start: Path | None = None) -> Path:
@@ -121,6 +122,8 @@ IDENTITY_COLUMNS: list[str] = ["cc_num", "first", "last", "dob"]  # hashed (keye
 CATEGORIES: list[str] = [  # the 14 Sparkov merchant categories
     "entertainment", "food_dining", "gas_transport", "grocery_net", "grocery_pos", "health_fitness",
     "home", "kids_pets", "misc_net", "misc_pos", "personal_care", "shopping_net", "shopping_pos", "travel"]
+
+DECISIONS: tuple[str, ...] = ("approve", "review", "decline")  # what a score becomes (model, API, results store)
 
 RAW_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # trans_date_trans_time in the CSVs
 DOB_FORMAT = "%Y-%m-%d"

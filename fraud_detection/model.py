@@ -20,13 +20,14 @@ import numpy as np
 import polars as pl
 import xgboost as xgb
 
+from .core import DECISIONS
 from .treeshap import TreeShap
 
 # %% auto #0
 __all__ = ['LABEL', 'SYNTHETIC_BASELINE', 'SYNTHETIC_FEATURES', 'SYNTHETIC_REFERENCE', 'DEFAULT_PARAMS', 'DEFAULT_GRID',
-           'DECISIONS', 'REASON_DTYPE', 'MODEL_FILE', 'META_FILE', 'synthetic_features', 'time_split', 'latest_labels',
-           'relabel', 'to_matrix', 'frame_fingerprint', 'library_versions', 'choose_thresholds', 'decide',
-           'contributions', 'top_reasons', 'reasons_series', 'Scorer', 'fit_calibration', 'train_model']
+           'REASON_DTYPE', 'MODEL_FILE', 'META_FILE', 'synthetic_features', 'time_split', 'latest_labels', 'relabel',
+           'to_matrix', 'frame_fingerprint', 'library_versions', 'choose_thresholds', 'decide', 'contributions',
+           'top_reasons', 'reasons_series', 'Scorer', 'fit_calibration', 'train_model']
 
 # %% ../nbs/30_model.ipynb #a3b5877a
 LABEL = "is_fraud"  # the target column of every training frame
@@ -174,8 +175,6 @@ def library_versions() -> dict[str, str]:
             "numpy": np.__version__, "fraud-detection-service": v("fraud-detection-service")}
 
 # %% ../nbs/30_model.ipynb #49014a99
-DECISIONS = ("approve", "review", "decline")
-
 def choose_thresholds(y: np.ndarray,  # validation labels (0/1)
                       p: np.ndarray,  # validation scores
                       review_budget: float = 0.01,  # share of traffic analysts can review

@@ -18,11 +18,11 @@ import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .core import CATEGORIES, get_settings
+from .core import CATEGORIES, DECISIONS, get_settings
 
 # %% auto #0
-__all__ = ['DECISIONS', 'metadata', 'predictions', 'labels', 'worker_stats', 'ALERT_COLUMNS', 'HISTORY_COLUMNS', 'get_engine',
-           'create_tables', 'write_predictions', 'fake_predictions', 'read_alerts', 'alert_summary', 'read_prediction',
+__all__ = ['metadata', 'predictions', 'labels', 'worker_stats', 'ALERT_COLUMNS', 'HISTORY_COLUMNS', 'get_engine', 'create_tables',
+           'write_predictions', 'fake_predictions', 'read_alerts', 'alert_summary', 'read_prediction',
            'read_customer_history', 'write_label', 'read_labels', 'event_clock', 'labelled_predictions', 'LabelOutcome',
            'publish_labels', 'label_transaction', 'pending_labels', 'publish_pending_labels', 'write_worker_stats',
            'read_worker_stats']
@@ -52,7 +52,6 @@ def get_engine(url: str | None = None, # SQLAlchemy URL; default: settings.datab
     return eng
 
 # %% ../nbs/45_results.ipynb #8f8ef614
-DECISIONS: tuple[str, ...] = ("approve", "review", "decline")
 metadata = sa.MetaData()
 
 predictions = sa.Table(
@@ -78,7 +77,7 @@ predictions = sa.Table(
     sa.Column("scored_at", sa.DateTime, nullable=False),  # wall time, UTC
     sa.Column("latency_ms", sa.Float),  # ingest-to-score freshness
     sa.Column("partition", sa.Integer), sa.Column("offset", sa.BigInteger),
-    sa.CheckConstraint("decision IN ('approve', 'review', 'decline')", name="ck_predictions_decision"),
+    sa.CheckConstraint(f"decision IN ({', '.join(map(repr, DECISIONS))})", name="ck_predictions_decision"),
 )
 
 # %% ../nbs/45_results.ipynb #3437eb76

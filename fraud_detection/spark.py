@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from .core import clean_schema, get_settings
+from .broker import free_port
+from .core import clean_schema, get_settings, stop_process_group
 from fraud_detection.features import (
     FEATURE_SCHEMA, FEATURES, RISK_DAILY_SCHEMA, RISK_ENTITIES, STATE_SCHEMA, batch_features, risk_from_daily,
     state_from_history)
@@ -73,12 +73,6 @@ def require_spark() -> Path:
 
 
 # %% ../nbs/13_spark.ipynb #4173e17e
-def _free_port() -> int:
-    "A TCP port on 127.0.0.1 nobody listens on (right now)."
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 def _spark_class(log_dir: Path,  # where `name`.log goes (and Spark's own logs)
                  name: str,  # the process's name in its log file
                  *args: str,  # `spark-class` arguments: the main class and its options
@@ -93,16 +87,8 @@ def _spark_class(log_dir: Path,  # where `name`.log goes (and Spark's own logs)
 
 def _stop_groups(procs: list[subprocess.Popen]) -> None:
     "Stop children and their process groups, last started first (SIGTERM, SIGKILL after 20 s)."
-    import signal
     for p in reversed(procs):
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in reversed(procs):
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(5)
+        stop_process_group(p, timeout=20)
 
 # %% ../nbs/13_spark.ipynb #38741c54
 class LocalCluster:
@@ -115,7 +101,7 @@ class LocalCluster:
         self.n_workers, self.cores, self.memory = n_workers, cores, memory
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="spark-cluster-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.port, self.ui_port = _free_port(), _free_port()
+        self.port, self.ui_port = free_port(), free_port()
         self.procs: list[subprocess.Popen] = []
 
     @property
@@ -139,7 +125,7 @@ class LocalCluster:
         for i in range(self.n_workers):
             (self.work_dir / f"worker-{i}").mkdir(exist_ok=True)
             self._spawn(f"worker-{i}", "org.apache.spark.deploy.worker.Worker", self.master_url, "--host", "127.0.0.1",
-                        "--cores", str(self.cores), "--memory", self.memory, "--webui-port", str(_free_port()),
+                        "--cores", str(self.cores), "--memory", self.memory, "--webui-port", str(free_port()),
                         "--work-dir", str(self.work_dir / f"worker-{i}"))
         deadline = time.monotonic() + timeout_s
         try:

@@ -5,7 +5,6 @@
 # %% ../nbs/42_worker.ipynb #ec5ef26a
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -48,7 +47,7 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'Explain', 'STEPS', 'STORE_TIMEOUT_S', 'ParsedBatch', 'parse_batch', 'load_merchant_risk', 'MerchantRisk',
            'StateCache', 'triage', 'scored_trans_nums', 'prediction_rows', 'prediction_messages', 'publish_predictions',
            'RowError', 'isolate_features', 'isolate_scores', 'Models', 'WorkerStats', 'StreamWorker',
-           'retry_until_done', 'run_worker', 'main']
+           'retry_until_done', 'run_worker']
 
 # %% ../nbs/42_worker.ipynb #6fbba047
 _META_KAFKA = {"_partition": pl.Int32, "_offset": pl.Int64, "_kafka_ms": pl.Int64}
@@ -812,19 +811,3 @@ def _report(worker: StreamWorker, engine: Engine, reported: tuple[int, int], sec
     log.info("%s: %d msgs in %.1f s (%.0f/s), %d to DLQ, lag %s, freshness p99 %s ms", st.worker_id, n, seconds,
              n / max(seconds, 1e-9), dlq, behind, None if st.freshness() is None else round(st.freshness()))
     return st.messages, st.dlq
-
-# %% ../nbs/42_worker.ipynb #d1b1a072
-def main(argv: list[str] | None = None,  # command-line arguments (default: sys.argv[1:])
-        ) -> None:
-    "Entry point of one stream worker (settings from FRAUD_* variables); prints its summary as JSON at the end."
-    p = argparse.ArgumentParser(prog="fraud-worker", description="Run one stream worker of the consumer group.")
-    p.add_argument("--batch-size", type=int, default=5000, help="most messages per micro-batch")
-    p.add_argument("--max-wait", type=float, default=0.2, help="seconds a poll waits for a full batch")
-    p.add_argument("--max-messages", type=int, default=None, help="stop after this many messages")
-    p.add_argument("--idle-exit", type=float, default=None, help="stop after this many idle seconds")
-    p.add_argument("--explain", choices=["all", "flagged", "none"], default="flagged", help="rows that get SHAP reasons")
-    a = p.parse_args(argv)
-    setup_logging()
-    stats = run_worker(max_messages=a.max_messages, idle_exit=a.idle_exit, batch_size=a.batch_size,
-                       max_wait=a.max_wait, explain={"all": True, "flagged": "flagged", "none": False}[a.explain])
-    print(json.dumps(stats.summary()), flush=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -91,13 +90,6 @@ def build_system(root: Path,  # folder for data/
     write_offline_merchant_risk(risk, data_dir(store) / MERCHANT_RISK_OFFLINE)
     materialize(store, end=incoming["ts"].max())
     return ApiSystem(settings, clean, history, incoming, risk, scorer, version)
-
-
-def free_port() -> int:
-    "A TCP port nobody listens on (right now)."
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(settings: Settings, port: int, workers: int = 1, timeout_s: float = 90) -> subprocess.Popen:

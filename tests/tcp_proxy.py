@@ -8,12 +8,14 @@ import socket
 import threading
 import time
 
+from fraud_detection.broker import free_port
+
 
 class TcpProxy:
     "Forward 127.0.0.1:`port` to `target`; `cut()` resets every connection and refuses new ones; `restore()` ends it."
     def __init__(self, target: tuple[str, int], port: int = 0):
         self.target = target
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._listener: socket.socket | None = None
@@ -107,9 +109,3 @@ class TcpProxy:
                     s.close()
                 except OSError:
                     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 import redis
 
+from fraud_detection.broker import free_port
 from fraud_detection.core import Settings, get_settings
 from fraud_detection.feature_store import (
     CUSTOMER_VIEW,
@@ -171,10 +172,6 @@ def test_scheduled_run_leaves_customer_state_to_the_stream(store, fraud_home):
     assert (d / "features").is_dir() and not summary["pushed_online"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -187,7 +184,7 @@ def redis_store_applied(fraud_home, redis_db):
 @pytest.mark.redis
 def test_redis_down_fails_fast(redis_store_applied):
     "Nothing listens on the port: the read raises a ConnectionError at once instead of retrying for seconds."
-    st = get_store(Settings(online_store="redis", redis_url=f"redis://127.0.0.1:{_free_port()}/0"))
+    st = get_store(Settings(online_store="redis", redis_url=f"redis://127.0.0.1:{free_port()}/0"))
     t0 = time.perf_counter()
     with pytest.raises(OnlineStoreUnavailable, match="Connection refused") as e:
         read_state(st, ["c0"])

@@ -116,10 +116,10 @@ def fresh_broker():
 
 def start_worker(data: Path, bootstrap: str, log_path: Path, *args: str, group: str = "fraud-stream-worker",
                  **env: str) -> subprocess.Popen:
-    "A stream worker subprocess (`fraud_detection.worker.main`); its log and final JSON summary go to `log_path`."
-    code = "import sys; from fraud_detection.worker import main; main(sys.argv[1:])"
+    "A stream worker subprocess (`fraud stream work`); its log and final JSON summary go to `log_path`."
+    code = "import sys; from fraud_detection.cli import app; app(sys.argv[1:])"
     with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=worker_env(data, bootstrap, group, **env),
+        return subprocess.Popen([sys.executable, "-c", code, "stream", "work", *args], cwd=ROOT, env=worker_env(data, bootstrap, group, **env),
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
