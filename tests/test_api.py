@@ -106,7 +106,7 @@ def test_explain_false_and_top_k(system, client):
 
 
 @pytest.mark.parametrize("change, field, rule", [
-    ({"amt": -1.0}, "amt", "greater_than"),
+    ({"amt": -1.0}, "amt", "greater_than_equal"),
     ({"amt": "12.5"}, "amt", "float_type"),
     ({"category": "casino"}, "category", "literal_error"),
     ({"state": "ny"}, "state", "string_pattern_mismatch"),
