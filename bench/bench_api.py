@@ -39,9 +39,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from api_system import build_system, free_port, start_server, stop_server  # noqa: E402
+from api_system import build_system, start_server, stop_server  # noqa: E402
 
 from fraud_detection.api import ApiConfig, Champion, OnlineFeatures, Predictor  # noqa: E402
+from fraud_detection.broker import free_port  # noqa: E402
 from fraud_detection.feature_store import get_store, read_online_rows  # noqa: E402
 from fraud_detection.features import batch_features, request_row  # noqa: E402
 from fraud_detection.model import Scorer  # noqa: E402

@@ -13,10 +13,11 @@ from pathlib import Path
 import httpx
 import polars as pl
 import pytest
-from api_system import build_system, free_port, start_server, stop_server
+from api_system import build_system, start_server, stop_server
 from conftest import require
 from polars.testing import assert_frame_equal
 
+from fraud_detection.broker import free_port
 from fraud_detection.features import FEATURES, batch_features
 from fraud_detection.ingest import ingest_files
 from fraud_detection.partitioned import bucketed_state, build_training_set, partition_clean
