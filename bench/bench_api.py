@@ -1,7 +1,7 @@
 """API latency and throughput: `/v1/predict` over HTTP against a running `serve()`, vs the in-process floor.
 
 Measured in one run, on a tiny real system (simulated data, a registered champion, Feast SQLite online store
-holding the customers' state and merchant risk; tests/api_system.py):
+holding the customers' state and merchant risk; fraud_detection.testing.build_system):
 
 - floor: the online-store read (`feature_store.read_online_rows`: state + merchant risk, one Feast call) plus
   the model's predict of a prepared feature row (`Scorer.margin`): what no implementation can avoid;
@@ -37,16 +37,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from api_system import build_system, start_server, stop_server  # noqa: E402
-
 from fraud_detection.api import ApiConfig, Champion, OnlineFeatures, Predictor  # noqa: E402
 from fraud_detection.broker import free_port  # noqa: E402
 from fraud_detection.feature_store import get_store, read_online_rows  # noqa: E402
 from fraud_detection.features import batch_features, request_row  # noqa: E402
 from fraud_detection.model import Scorer  # noqa: E402
 from fraud_detection.schema import Transaction  # noqa: E402
+from fraud_detection.testing import build_system, start_server, stop_server  # noqa: E402
 
 
 def pct(xs: list[float]) -> tuple[float, float]:

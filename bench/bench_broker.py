@@ -17,7 +17,8 @@ import time
 from contextlib import nullcontext
 
 from fraud_detection.broker import EmbeddedBroker, ensure_topics, measure_consume_rate, producer_config
-from fraud_detection.schema import decode_transaction, frame_to_messages, message_headers, sample_transactions
+from fraud_detection.schema import decode_transaction, frame_to_messages, message_headers
+from fraud_detection.testing import sample_transactions
 
 
 def transaction_messages(n: int, customers: int = 1000) -> list[tuple[bytes, bytes]]:

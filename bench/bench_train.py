@@ -37,12 +37,8 @@ def feature_frames(source: str, seed: int) -> tuple[pl.DataFrame, pl.DataFrame, 
     "(train features, test features, features, baseline features, seconds per step, clean (train, test) or ())."
     t = time.perf_counter()
     if source == "synthetic":
-        from fraud_detection.model import (
-            SYNTHETIC_BASELINE,
-            SYNTHETIC_FEATURES,
-            synthetic_features,
-            time_split,
-        )
+        from fraud_detection.model import time_split
+        from fraud_detection.testing import SYNTHETIC_BASELINE, SYNTHETIC_FEATURES, synthetic_features
         df = synthetic_features(1_835_000, seed=seed, days=730)
         train_f, test_f = time_split(df, valid_frac=0.293)  # Sparkov: 1.30 M train, 0.54 M test
         return train_f, test_f, SYNTHETIC_FEATURES, SYNTHETIC_BASELINE, {"synthetic": time.perf_counter() - t}, ()

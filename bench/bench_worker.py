@@ -39,10 +39,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import fresh_pg_database  # noqa: E402
-from worker_data import build_data_dir, db_url, result_rows, settings_for  # noqa: E402
-
 from fraud_detection.broker import (  # noqa: E402
     ALL_TOPICS,
     TOPIC_TRANSACTIONS,
@@ -52,6 +48,7 @@ from fraud_detection.broker import (  # noqa: E402
 )
 from fraud_detection.producer import replay  # noqa: E402
 from fraud_detection.schema import decode_transaction, frame_to_messages, message_headers  # noqa: E402
+from fraud_detection.testing import build_data_dir, db_url, fresh_pg_database, result_rows, settings_for  # noqa: E402
 from fraud_detection.worker import StreamWorker, run_worker  # noqa: E402
 
 

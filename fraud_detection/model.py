@@ -24,65 +24,12 @@ from .core import DECISIONS
 from .treeshap import TreeShap
 
 # %% auto #0
-__all__ = ['LABEL', 'SYNTHETIC_BASELINE', 'SYNTHETIC_FEATURES', 'SYNTHETIC_REFERENCE', 'DEFAULT_PARAMS', 'DEFAULT_GRID',
-           'REASON_DTYPE', 'MODEL_FILE', 'META_FILE', 'synthetic_features', 'time_split', 'latest_labels', 'relabel',
-           'to_matrix', 'frame_fingerprint', 'library_versions', 'choose_thresholds', 'decide', 'contributions',
-           'top_reasons', 'reasons_series', 'Scorer', 'fit_calibration', 'train_model']
+__all__ = ['LABEL', 'DEFAULT_PARAMS', 'DEFAULT_GRID', 'REASON_DTYPE', 'MODEL_FILE', 'META_FILE', 'time_split', 'latest_labels',
+           'relabel', 'to_matrix', 'frame_fingerprint', 'library_versions', 'choose_thresholds', 'decide',
+           'contributions', 'top_reasons', 'reasons_series', 'Scorer', 'fit_calibration', 'train_model']
 
 # %% ../nbs/30_model.ipynb #a3b5877a
 LABEL = "is_fraud"  # the target column of every training frame
-
-SYNTHETIC_BASELINE: list[str] = ["amt", "log_amt", "hour", "dow", "is_night", "age", "gender_m", "city_pop",
-                                 "category_code", "dist_home_km"]
-SYNTHETIC_FEATURES: list[str] = SYNTHETIC_BASELINE + [
-    "n_10m", "amt_10m", "n_1h", "amt_1h", "n_24h", "amt_24h", "n_7d", "amt_7d", "n_prior", "amt_mean_prior",
-    "amt_ratio", "amt_z", "secs_since_prev", "dist_prev_km", "new_merchant", "new_category", "merchant_n_30d",
-    "merchant_fraud_rate_30d"]
-SYNTHETIC_REFERENCE: list[str] = ["amt", "hour", "dow", "is_night", "n_24h", "n_7d", "amt_7d", "merchant_n_30d",
-                                  "merchant_fraud_rate_30d"]  # a Handbook-like subset, for examples
-
-def synthetic_features(n: int,  # rows
-                       fraud_rate: float = 0.006,  # share of positives
-                       seed: int = 0,  # random seed
-                       start: datetime = datetime(2019, 1, 1),  # first timestamp
-                       days: float = 365,  # span of the timestamps
-                      ) -> pl.DataFrame:
-    "A feature frame with the contract's columns (`SYNTHETIC_FEATURES`) and a learnable label, sorted by time."
-    rng = np.random.default_rng(seed)
-    y = rng.random(n) < fraud_rate
-    nf = int(y.sum())
-    secs = np.sort(rng.integers(0, int(days * 86400), n))
-    hour = (secs // 3600) % 24
-    hour[y] = np.where(rng.random(nf) < 0.6, rng.choice([22, 23, 0, 1, 2, 3], nf), hour[y])
-    mean_prior = rng.lognormal(3.8, 0.6, n)
-    amt = mean_prior * rng.lognormal(0, 0.7, n)
-    amt[y] = np.where(rng.random(nf) < 0.7, rng.lognormal(5.5, 1.0, nf), amt[y])
-    cat = rng.integers(0, 14, n)
-    cat[y] = np.where(rng.random(nf) < 0.5, rng.choice([3, 4, 8, 11], nf), cat[y])
-    n_prior = rng.integers(0, 2000, n)
-    n_10m, n_1h, n_24h = rng.poisson(0.05, n) + y * rng.poisson(1.0, n), rng.poisson(0.2, n) + y * rng.poisson(1.5, n), rng.poisson(2, n) + y * rng.poisson(3, n)
-    has1, has2 = n_prior > 0, n_prior > 1
-    mfr = rng.beta(1, 200, n) + y * rng.beta(1, 60, n)
-    return pl.DataFrame({
-        "trans_num": [f"{i:012x}" for i in rng.permutation(n)],
-        "ts": np.datetime64(start, "us") + (secs * 1_000_000).astype("timedelta64[us]"),
-        "customer_id": rng.integers(0, max(n // 200, 2), n).astype(str), "merchant": rng.integers(0, 700, n).astype(str),
-        "amt": amt.round(2), "log_amt": np.log1p(amt.round(2)), "hour": hour.astype(np.int32),
-        "dow": ((secs // 86400 + 1) % 7).astype(np.int32), "is_night": ((hour >= 22) | (hour < 4)).astype(np.int32),
-        "age": rng.uniform(18, 90, n), "gender_m": rng.integers(0, 2, n).astype(np.int32),
-        "city_pop": rng.lognormal(8, 2, n).astype(np.int64), "category_code": cat.astype(np.int32),
-        "dist_home_km": rng.gamma(2, 40, n),
-        "n_10m": n_10m.astype(np.int32), "amt_10m": n_10m * mean_prior, "n_1h": n_1h.astype(np.int32),
-        "amt_1h": n_1h * mean_prior, "n_24h": n_24h.astype(np.int32), "amt_24h": n_24h * mean_prior,
-        "n_7d": (n_24h + rng.poisson(10, n)).astype(np.int32), "amt_7d": rng.gamma(5, 100, n),
-        "n_prior": n_prior.astype(np.int32), "amt_mean_prior": np.where(has1, mean_prior, np.nan),
-        "amt_ratio": np.where(has1, amt / mean_prior, np.nan), "amt_z": np.where(has2, (amt - mean_prior) / (0.6 * mean_prior), np.nan),
-        "secs_since_prev": np.where(has1, rng.exponential(40_000, n) * np.where(y, 0.2, 1.0), np.nan),
-        "dist_prev_km": np.where(has1, rng.gamma(2, 40, n), np.nan),
-        "new_merchant": (rng.random(n) < np.where(y, 0.9, 0.6)).astype(np.int32),
-        "new_category": (rng.random(n) < np.where(y, 0.2, 0.05)).astype(np.int32),
-        "merchant_n_30d": rng.poisson(150, n).astype(np.int32), "merchant_fraud_rate_30d": mfr,
-        LABEL: y.astype(np.int8)}, nan_to_null=True)
 
 # %% ../nbs/30_model.ipynb #b2d4ea39
 def time_split(df: pl.DataFrame,  # feature frame with a timestamp column

@@ -22,10 +22,9 @@ from .core import CATEGORIES, DECISIONS, get_settings
 
 # %% auto #0
 __all__ = ['metadata', 'predictions', 'labels', 'worker_stats', 'ALERT_COLUMNS', 'HISTORY_COLUMNS', 'get_engine', 'create_tables',
-           'write_predictions', 'fake_predictions', 'read_alerts', 'alert_summary', 'read_prediction',
-           'read_customer_history', 'write_label', 'read_labels', 'event_clock', 'labelled_predictions', 'LabelOutcome',
-           'publish_labels', 'label_transaction', 'pending_labels', 'publish_pending_labels', 'write_worker_stats',
-           'read_worker_stats']
+           'write_predictions', 'read_alerts', 'alert_summary', 'read_prediction', 'read_customer_history',
+           'write_label', 'read_labels', 'event_clock', 'labelled_predictions', 'LabelOutcome', 'publish_labels',
+           'label_transaction', 'pending_labels', 'publish_pending_labels', 'write_worker_stats', 'read_worker_stats']
 
 # %% ../nbs/45_results.ipynb #afb23424
 @lru_cache
@@ -242,58 +241,6 @@ def write_predictions(engine: Engine, # from get_engine
             return _insert_postgres(conn, df, cols)
         stmt = _insert_ignore(engine, predictions).returning(predictions.c.trans_num)  # another driver: row by row
         return len(conn.execute(stmt, df.to_dicts()).all())
-
-# %% ../nbs/45_results.ipynb #f362442c
-def fake_predictions(n: int = 200, # rows
-                     seed: int = 0, # random seed
-                     end: datetime | None = None, # latest event time (default: now, naive UTC)
-                     days: float = 14, # event times spread over this many days before `end`
-                     fraud_rate: float = 0.08, # share of is_fraud = 1
-                     model_version: str = "v0001", # champion version recorded on the rows
-                     challenger_version: str | None = "v0002", # shadow model (None: no challenger scores)
-                    ) -> pl.DataFrame:
-    "Synthetic scored transactions in the `predictions` schema (no PII) for demos and tests."
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    end = end or _now()
-    ts = sorted(end - timedelta(seconds=float(s)) for s in rng.uniform(0, days * 86400, n))
-    fraud = rng.random(n) < fraud_rate
-    amt = np.round(np.where(fraud, rng.lognormal(5.5, 0.8, n), rng.lognormal(3.6, 1.0, n)), 2)
-    # imperfect separation: some fraud scores low, a few legitimate transactions score high
-    p = np.clip(np.where(fraud, rng.beta(5, 2, n), np.where(rng.random(n) < 0.05, rng.beta(2, 3, n), rng.beta(1, 20, n))),
-                0.0005, 0.9995)
-    customers = [f"c{int(x):015x}" for x in rng.integers(16**14, 16**15 - 1, max(n // 6, 2))]
-    merchants = [f"fraud_{w} {s}" for w, s in zip(rng.choice(["Kirlin", "Sporer", "Haley", "Lind", "Koss", "Bahringer",
-                 "Kutch", "Stroman", "Dooley", "Heller"], 24), rng.choice(["and Sons", "Inc", "LLC", "Group", "Ltd"], 24), strict=True)]
-    states = ["NY", "CA", "TX", "PA", "OH", "MI", "IL", "FL", "AL", "MO"]
-
-    def decide(q: float) -> str: return "decline" if q >= 0.9 else "review" if q >= 0.5 else "approve"
-    rows = []
-    for i in range(n):
-        cust = customers[int(rng.integers(len(customers)))]
-        h = int(cust[1:], 16)
-        home = (30 + (h % 1500) / 100, -120 + (h // 1500 % 4000) / 100)
-        hour = ts[i].hour
-        feats = {"amt": float(amt[i]), "log_amt": float(np.log1p(amt[i])), "hour": hour, "is_night": int(hour < 6 or hour >= 22),
-                 "age": int(rng.integers(18, 90)), "category_code": int(rng.integers(14)),
-                 "n_24h": int(rng.poisson(6 if fraud[i] else 2)), "amt_ratio": float(np.round(rng.lognormal(1.5 if fraud[i] else 0, 0.5), 3)),
-                 "dist_home_km": float(np.round(rng.gamma(2, 40 if fraud[i] else 30), 1)),
-                 "secs_since_prev": float(rng.exponential(600 if fraud[i] else 40000)), "new_merchant": int(rng.random() < 0.5)}
-        contrib = {k: float(rng.normal(0.8 if p[i] >= 0.5 else -0.3, 0.5)) for k in ("amt_ratio", "n_24h", "hour", "dist_home_km", "amt")}
-        top = sorted(contrib, key=lambda k: -abs(contrib[k]))[:4]
-        q = float(np.clip(p[i] + rng.normal(0, 0.08), 0.0005, 0.9995))
-        rows.append({
-            "trans_num": rng.bytes(16).hex(), "customer_id": cust, "ts": ts[i],
-            "merchant": merchants[int(rng.integers(len(merchants)))], "category": CATEGORIES[feats["category_code"]],
-            "amt": float(amt[i]), "state": states[h % len(states)], "lat": home[0], "long": home[1],
-            "merch_lat": home[0] + float(rng.normal(0, 0.6)), "merch_long": home[1] + float(rng.normal(0, 0.6)),
-            "fraud_probability": float(p[i]), "decision": decide(float(p[i])),
-            "reasons": [{"feature": k, "value": float(feats[k]), "contribution": round(contrib[k], 4)} for k in top],
-            "model_version": model_version, "challenger_probability": q if challenger_version else None,
-            "challenger_decision": decide(q) if challenger_version else None, "challenger_version": challenger_version,
-            "features": feats, "is_fraud": int(fraud[i]), "scored_at": ts[i] + timedelta(seconds=float(rng.uniform(0.05, 2))),
-            "latency_ms": float(np.round(rng.gamma(2, 40), 1)), "partition": int(rng.integers(4)), "offset": i})
-    return pl.DataFrame(rows, infer_schema_length=None)
 
 # %% ../nbs/45_results.ipynb #106702dd
 def _latest_labels() -> sa.Subquery:

@@ -19,8 +19,8 @@ from .core import CATEGORIES, PII_COLUMNS, clean_schema
 
 # %% auto #0
 __all__ = ['SCHEMA_VERSION', 'SCHEMA_HEADER', 'Category', 'MIN_AMT', 'MAX_AMT', 'Transaction', 'InvalidMessage',
-           'message_headers', 'encode_transaction', 'decode_transaction', 'frame_to_messages', 'sample_transactions',
-           'to_frame', 'decode_batch']
+           'message_headers', 'encode_transaction', 'decode_transaction', 'frame_to_messages', 'to_frame',
+           'decode_batch']
 
 # %% ../nbs/03_schema.ipynb #cf0bc120
 SCHEMA_VERSION = "transactions/v1"  # value of the `schema` header on every `transactions` message
@@ -186,26 +186,6 @@ def frame_to_messages(
             except InvalidMessage as e:
                 raise InvalidMessage(f"{e.reason} (row {i}, trans_num {df['trans_num'][i]!r})") from None
     return list(zip(keys, values, strict=True))
-
-# %% ../nbs/03_schema.ipynb #135d268f
-def sample_transactions(
-    n: int,  # rows
-    customers: int = 2,  # distinct customer_id values c0, c1, ...
-    start: datetime = datetime(2020, 6, 21, 12, 0),  # ts of the first row; then one per second
-    seed: int = 0,  # amounts are random in [1, 500)
-):
-    "n valid clean transactions in time order (synthetic, for examples, tests and benchmarks)."
-    import polars as pl
-    import numpy as np
-    i = np.arange(n)
-    amt = np.round(np.random.default_rng(seed).uniform(1, 500, n), 2)
-    base = {k: v for k, v in Transaction.model_validate(_EXAMPLE).model_dump().items()
-            if k not in ("trans_num", "ts", "unix_time", "customer_id", "amt", "is_fraud")}
-    return pl.DataFrame({
-        "trans_num": [f"t{j:09d}" for j in i], "ts": [start + timedelta(seconds=int(j)) for j in i],
-        "unix_time": int(start.timestamp()) + i, "customer_id": [f"c{j % customers}" for j in i], "amt": amt,
-        "is_fraud": np.zeros(n, dtype=np.int8), **{k: [v] * n for k, v in base.items()}}).select(
-        [pl.col(c).cast(t) for c, t in clean_schema().items()])
 
 # %% ../nbs/03_schema.ipynb #dde09091
 def to_frame(txs: list[Transaction]):

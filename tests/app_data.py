@@ -12,6 +12,7 @@ import polars as pl
 
 from fraud_detection import results
 from fraud_detection.runs import RunRecord
+from fraud_detection.testing import fake_predictions
 
 _MODEL_TEMPLATE: Path | None = None
 
@@ -22,8 +23,9 @@ def _model_template() -> Path:
     if _MODEL_TEMPLATE is None:
         from fraud_detection import registry
         from fraud_detection.evaluate import write_report
-        from fraud_detection.model import SYNTHETIC_FEATURES as FEATURES  # the synthetic frame's columns
-        from fraud_detection.model import synthetic_features, time_split, train_model
+        from fraud_detection.model import time_split, train_model
+        from fraud_detection.testing import SYNTHETIC_FEATURES as FEATURES  # the synthetic frame's columns
+        from fraud_detection.testing import synthetic_features
         root = Path(tempfile.mkdtemp(prefix="fraud-model-template-"))
         atexit.register(shutil.rmtree, root, ignore_errors=True)
         tr, va = time_split(synthetic_features(6000, fraud_rate=0.03, seed=1, days=60), valid_frac=0.3)
@@ -44,14 +46,14 @@ def make_scored_home(root: Path, n: int = 200, seed: int = 7) -> dict:
     now = datetime.now(UTC).replace(tzinfo=None)
     eng = results.get_engine(f"sqlite:///{data / 'fraud.db'}")
     results.create_tables(eng)
-    preds = results.fake_predictions(n, seed=seed, end=now)
+    preds = fake_predictions(n, seed=seed, end=now)
     results.write_predictions(eng, preds)
     for i in range(6):
         for w in ("worker-0", "worker-1"):
             results.write_worker_stats(eng, w, processed=400 + 10 * i, dlq=i % 2, lag=120 - 20 * i, throughput=40.0 + i,
                                        ts=now - timedelta(minutes=6 - i))
     # training reference: the same kind of rows, amounts less than half (so amount drifts, the rest does not)
-    ref = results.fake_predictions(1500, seed=seed + 1, end=now - timedelta(days=60), days=60)
+    ref = fake_predictions(1500, seed=seed + 1, end=now - timedelta(days=60), days=60)
     feats = pl.DataFrame([json.loads(json.dumps(f)) for f in ref["features"].to_list()], infer_schema_length=None)
     feats = feats.with_columns(pl.col("amt") * 0.45, pl.col("log_amt") - 0.8)
     (data / "features").mkdir(parents=True, exist_ok=True)

@@ -5,27 +5,15 @@ so a green CI run always means the real Redis / PostgreSQL / broker / Chromium w
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fraud_detection.broker import port_open
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def require(ok: bool, what: str) -> None:
-    "Fail in CI, skip elsewhere, when a required service is missing."
-    if ok:
-        return
-    if IN_CI:
-        pytest.fail(f"{what} is required in CI but is not available", pytrace=False)
-    pytest.skip(f"{what} not available")
+from fraud_detection.testing import require
 
 
 @pytest.fixture(scope="session")
@@ -43,26 +31,6 @@ def postgres_url() -> str:
     url = os.environ.get("FRAUD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
     require(port_open("127.0.0.1", 5432), "PostgreSQL at 127.0.0.1:5432")
     return url
-
-
-@contextlib.contextmanager
-def fresh_pg_database(postgres_url: str, prefix: str = "fraud_test") -> Iterator[str]:
-    "URL of a new, uniquely named PostgreSQL database, dropped (with its connections) on exit."
-    import sqlalchemy as sa
-
-    from fraud_detection.results import get_engine
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.engine.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        yield url
-    finally:
-        get_engine(url).dispose()
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -11,16 +11,15 @@ import time
 import httpx
 import polars as pl
 import pytest
-from api_system import ApiSystem, build_system, start_server, stop_server, train_tiny
-from conftest import port_open, require
 from fastapi.testclient import TestClient
 
 from fraud_detection.api import ApiConfig, create_app
-from fraud_detection.broker import free_port
+from fraud_detection.broker import free_port, port_open
 from fraud_detection.core import Settings
 from fraud_detection.feature_store import apply, get_store, push_state
 from fraud_detection.features import batch_features, state_from_history
 from fraud_detection.registry import register, set_alias
+from fraud_detection.testing import ApiSystem, build_system, require, start_server, stop_server, train_tiny
 
 TOL = 1e-6  # float tolerance between the online and the batch path
 

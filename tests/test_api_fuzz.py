@@ -17,7 +17,6 @@ from datetime import date, datetime
 
 import pytest
 import schemathesis
-from api_system import build_system
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from fraud_detection.api import ApiConfig, create_app
+from fraud_detection.testing import build_system
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 

@@ -8,13 +8,13 @@ import shutil
 import time
 
 import pytest
-from api_system import build_system, train_tiny
 from fastapi.testclient import TestClient
 
 from fraud_detection.api import ApiConfig, create_app
 from fraud_detection.core import Settings
 from fraud_detection.features import batch_features
 from fraud_detection.registry import register, set_alias
+from fraud_detection.testing import build_system, train_tiny
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from fraud_detection import results as R
 from fraud_detection.app import app_command
 from fraud_detection.broker import free_port
 from fraud_detection.core import stop_process_group
+from fraud_detection.testing import fake_predictions
 
 pytestmark = pytest.mark.browser
 
@@ -108,7 +109,7 @@ def test_alerts_page(page, app_server):
     alerts = page.locator('[data-testid="stMetric"]').first.locator('[data-testid="stMetricValue"]')
     before = int(alerts.inner_text().replace(",", ""))
     clock = R.event_clock(R.get_engine(app_server["url"]))
-    new = R.fake_predictions(1, seed=99, end=clock + timedelta(minutes=1), days=0.0001).with_columns(
+    new = fake_predictions(1, seed=99, end=clock + timedelta(minutes=1), days=0.0001).with_columns(
         fraud_probability=pl.lit(0.97), decision=pl.lit("decline"))
     assert R.write_predictions(R.get_engine(app_server["url"]), new) == 1
     page.wait_for_function("n => { const el = document.querySelector('[data-testid=\"stMetricValue\"]');"

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import fresh_pg_database, require
 
 from fraud_detection.core import Settings
 from fraud_detection.feature_store import (
@@ -19,6 +18,7 @@ from fraud_detection.feature_store import (
     apply,
     get_store,
 )
+from fraud_detection.testing import fresh_pg_database, require
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import polars as pl
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-from conftest import require
 
 from fraud_detection.broker import (
     ALL_TOPICS,
@@ -33,13 +32,8 @@ from fraud_detection.broker import (
 )
 from fraud_detection.core import Settings
 from fraud_detection.producer import replay
-from fraud_detection.schema import (
-    InvalidMessage,
-    decode_transaction,
-    frame_to_messages,
-    message_headers,
-    sample_transactions,
-)
+from fraud_detection.schema import InvalidMessage, decode_transaction, frame_to_messages, message_headers
+from fraud_detection.testing import require, sample_transactions
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parents[1]

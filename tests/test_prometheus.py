@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import require
 
 from fraud_detection.broker import free_port
 from fraud_detection.metrics import serve_worker_metrics
+from fraud_detection.testing import require
 from fraud_detection.worker import WorkerStats
 
 ROOT = Path(__file__).resolve().parents[1]

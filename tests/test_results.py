@@ -8,9 +8,9 @@ from datetime import datetime, timedelta, timezone
 import polars as pl
 import pytest
 import sqlalchemy as sa
-from conftest import fresh_pg_database
 
 from fraud_detection import results as R
+from fraud_detection.testing import fake_predictions, fresh_pg_database
 
 
 @pytest.fixture(scope="session")
@@ -38,10 +38,10 @@ END = datetime(2026, 3, 1, 12)
 
 
 def test_write_predictions_is_idempotent(engine):
-    df = R.fake_predictions(120, seed=3, end=END)
+    df = fake_predictions(120, seed=3, end=END)
     assert R.write_predictions(engine, df) == 120
     assert R.write_predictions(engine, df) == 0  # re-delivery of the same batch
-    more = R.fake_predictions(30, seed=4, end=END)
+    more = fake_predictions(30, seed=4, end=END)
     assert R.write_predictions(engine, pl.concat([df.sample(20, seed=1), more], how="vertical_relaxed")) == 30
     assert R.write_predictions(engine, []) == 0
     with engine.connect() as c:
@@ -62,7 +62,7 @@ def test_duplicates_inside_one_batch_and_minimal_rows(engine):
 
 
 def test_bad_rows_fail_the_whole_batch(engine):
-    good = R.fake_predictions(3, seed=5, end=END).to_dicts()
+    good = fake_predictions(3, seed=5, end=END).to_dicts()
     with pytest.raises(ValueError, match="bad decision"):
         R.write_predictions(engine, good + [dict(good[0], trans_num="x", decision="block")])
     with pytest.raises(ValueError, match="first"):
@@ -73,7 +73,7 @@ def test_bad_rows_fail_the_whole_batch(engine):
 
 
 def test_concurrent_overlapping_writers(engine):
-    df = R.fake_predictions(400, seed=6, end=END)
+    df = fake_predictions(400, seed=6, end=END)
     batches = [df.slice(i, 200) for i in (0, 100, 200, 0)]
     with ThreadPoolExecutor(4) as ex:
         inserted = list(ex.map(lambda b: R.write_predictions(engine, b), batches))
@@ -81,7 +81,7 @@ def test_concurrent_overlapping_writers(engine):
 
 
 def test_alerts_filters_order_and_summary(engine):
-    df = R.fake_predictions(200, seed=7, end=END)
+    df = fake_predictions(200, seed=7, end=END)
     R.write_predictions(engine, df)
     al = R.read_alerts(engine)
     expected = df.filter(pl.col("decision") != "approve")
@@ -102,7 +102,7 @@ def test_alerts_filters_order_and_summary(engine):
 
 
 def test_labels_latest_wins(engine):
-    R.write_predictions(engine, R.fake_predictions(10, seed=8, end=END))
+    R.write_predictions(engine, fake_predictions(10, seed=8, end=END))
     tns = R.read_alerts(engine, decisions=None)["trans_num"].to_list()
     for lab in (1, 0, 1, 0):
         R.write_label(engine, tns[0], lab, note=f"pass {lab}", analyst="a1")
@@ -152,7 +152,7 @@ def test_empty_store_reads(engine):
 
 
 def test_json_columns_are_valid_json(engine):
-    R.write_predictions(engine, R.fake_predictions(20, seed=9, end=END))
+    R.write_predictions(engine, fake_predictions(20, seed=9, end=END))
     with engine.connect() as c:
         for reasons, feats in c.execute(sa.select(R.predictions.c.reasons, R.predictions.c.features)):
             assert isinstance(json.loads(reasons), list) and isinstance(json.loads(feats), dict)
@@ -161,7 +161,7 @@ def test_json_columns_are_valid_json(engine):
 def _tricky_rows(n: int = 60) -> pl.DataFrame:
     """Worker-shaped rows (JSON text columns) with the values a bulk path can get wrong: '', NULL, NaN, quotes, commas,
     newlines, non-ASCII, whole-second and sub-second times, a duplicate trans_num."""
-    df = R.fake_predictions(n, seed=11, end=END)
+    df = fake_predictions(n, seed=11, end=END)
     df = df.with_columns(reasons=pl.format("[{}]", pl.col("reasons").list.eval(pl.element().struct.json_encode()).list.join(",")),
                          features=pl.col("features").struct.json_encode())
     odd = ["", 'quote "q", comma', "line\nbreak", "naïve café ✓", None, "back\\slash"]
@@ -198,7 +198,7 @@ def test_bulk_write_stores_what_sqlalchemy_stores(engine, tmp_path):
 
 def test_frame_with_zone_and_nested_columns(engine):
     "A frame with aware datetimes and nested reasons/features is stored like its dicts."
-    df = R.fake_predictions(5, seed=12, end=END).with_columns(pl.col("ts").dt.replace_time_zone("Europe/Paris"))
+    df = fake_predictions(5, seed=12, end=END).with_columns(pl.col("ts").dt.replace_time_zone("Europe/Paris"))
     assert R.write_predictions(engine, df) == 5
     got = R.read_prediction(engine, df["trans_num"][0])
     assert got["ts"] == df["ts"][0].astimezone(timezone.utc).replace(tzinfo=None)

@@ -132,7 +132,7 @@ def test_restart_keeps_next_due_times_and_cooldown(tmp_path: Path):
 
 def test_second_scheduler_does_not_run_a_held_job(postgres_url: str, tmp_path: Path):
     "Two schedulers on one PostgreSQL: while the first runs the retrain (lease renewed), the second does not."
-    from conftest import fresh_pg_database
+    from fraud_detection.testing import fresh_pg_database
     with fresh_pg_database(postgres_url) as url:
         s = Settings(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", db_url=url, scheduler_lease_s=1.0)
         due = next_due("0 2 * * *", time.time() - 86400)  # a retrain due in the past (missed: policy once)

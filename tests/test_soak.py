@@ -24,7 +24,6 @@ import pytest
 import redis
 import sqlalchemy as sa
 from confluent_kafka import Producer
-from conftest import fresh_pg_database
 from polars.testing import assert_frame_equal
 from tcp_proxy import TcpProxy
 from worker_data import fresh_broker, start_worker, stop_worker, stored_features, wait_for
@@ -36,6 +35,7 @@ from fraud_detection.features import assert_same_features, batch_features, state
 from fraud_detection.registry import load
 from fraud_detection.results import get_engine, predictions
 from fraud_detection.schema import frame_to_messages, message_headers
+from fraud_detection.testing import fresh_pg_database
 from fraud_detection.worker import load_merchant_risk
 
 SECONDS = float(os.environ.get("FRAUD_SOAK_SECONDS", "600"))

@@ -13,8 +13,6 @@ from pathlib import Path
 import httpx
 import polars as pl
 import pytest
-from api_system import build_system, start_server, stop_server
-from conftest import require
 from polars.testing import assert_frame_equal
 
 from fraud_detection.broker import free_port
@@ -22,6 +20,7 @@ from fraud_detection.features import FEATURES, batch_features
 from fraud_detection.ingest import ingest_files
 from fraud_detection.partitioned import bucketed_state, build_training_set, partition_clean
 from fraud_detection.simulate import simulate_to_files
+from fraud_detection.testing import build_system, require, start_server, stop_server
 
 DELAY = 7
 

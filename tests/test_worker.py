@@ -11,7 +11,6 @@ import threading
 import polars as pl
 import pytest
 from confluent_kafka import Producer
-from conftest import fresh_pg_database
 from worker_data import (
     PARTITIONS,
     assert_matches_batch,
@@ -37,6 +36,7 @@ from fraud_detection.core import PII_COLUMNS
 from fraud_detection.producer import replay
 from fraud_detection.results import get_engine, read_worker_stats
 from fraud_detection.schema import frame_to_messages, message_headers
+from fraud_detection.testing import fresh_pg_database
 from fraud_detection.worker import run_worker
 
 pytestmark = pytest.mark.kafka

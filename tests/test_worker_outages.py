@@ -15,7 +15,6 @@ from contextlib import contextmanager
 import pytest
 import redis
 import sqlalchemy as sa
-from conftest import fresh_pg_database
 from tcp_proxy import TcpProxy
 from worker_data import PARTITIONS, LiveWorker, assert_matches_batch, fresh_broker, settings_for, wait_for
 
@@ -24,6 +23,7 @@ from fraud_detection.core import Settings
 from fraud_detection.feature_store import apply, get_store, push_state
 from fraud_detection.features import state_from_history
 from fraud_detection.producer import replay
+from fraud_detection.testing import fresh_pg_database
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 OUTAGE = float(os.environ.get("FRAUD_TEST_OUTAGE_S", "30"))

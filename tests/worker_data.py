@@ -29,11 +29,9 @@ from fraud_detection.feature_store import (
     MERCHANT_RISK_OFFLINE,
     STATE_OFFLINE,
     TIMESTAMP,
-    build_batch_features,
     from_wire,
     get_store,
     read_state,
-    training_frame,
 )
 from fraud_detection.features import (
     FEATURE_SCHEMA,
@@ -43,34 +41,12 @@ from fraud_detection.features import (
     batch_features,
     state_from_history,
 )
-from fraud_detection.ingest import clean_frame
-from fraud_detection.model import time_split, train_model
-from fraud_detection.registry import load, register, set_alias
+from fraud_detection.registry import load
 from fraud_detection.results import get_engine, predictions
-from fraud_detection.simulate import simulate
+from fraud_detection.testing import PARTITIONS, build_data_dir, db_url, result_rows, settings_for  # noqa: F401 (used by the tests)
 from fraud_detection.worker import WorkerStats, load_merchant_risk, run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
-DELAY = 7  # label delay of the batch features
-PARTITIONS = 4
-
-
-def build_data_dir(data: Path, scale: str = "small", seed: int = 7, fraud_rate: float = 0.03) -> None:
-    "Simulate, ingest, batch features (state as of the end of train, merchant risk), champion + challenger."
-    raw_train, raw_test = simulate(scale, seed=seed, fraud_rate=fraud_rate)
-    (data / "clean").mkdir(parents=True)
-    train, _ = clean_frame(raw_train, "worker-test-key")
-    test, _ = clean_frame(raw_test, "worker-test-key")
-    train.write_parquet(data / "clean" / "train.parquet")
-    test.write_parquet(data / "clean" / "test.parquet")
-    store = get_store(Settings(data_dir=data))
-    build_batch_features(data / "clean", label_delay_days=DELAY, store=store)
-    tr, va = time_split(training_frame(train, DELAY))
-    registry = data / "registry"
-    champion = train_model(tr, va, FEATURES, num_boost_round=80, early_stopping_rounds=15)
-    set_alias("champion", register(champion, root=registry), root=registry)
-    challenger = train_model(tr, va, FEATURES, params={"max_depth": 3}, num_boost_round=40, early_stopping_rounds=10)
-    set_alias("challenger", register(challenger, root=registry), root=registry)
 
 
 @dataclass
@@ -90,12 +66,6 @@ def batch_truth(data: Path) -> Truth:
     feats = batch_features(everything, load_merchant_risk(data / MERCHANT_RISK_OFFLINE))
     feats = feats.join(test.select("trans_num"), on="trans_num", how="semi")
     return Truth(train, test, feats, state_from_history(everything).sort("customer_id"))
-
-
-def settings_for(data: Path, bootstrap: str, group: str = "fraud-stream-worker", **kw) -> Settings:
-    "Settings of a worker on this data dir and broker."
-    return Settings(data_dir=data, kafka_bootstrap_servers=bootstrap, consumer_group=group,
-                    topic_partitions=PARTITIONS, **kw)
 
 
 def worker_env(data: Path, bootstrap: str, group: str = "fraud-stream-worker", **extra: str) -> dict[str, str]:
@@ -133,18 +103,6 @@ def stop_worker(proc: subprocess.Popen, log_path: Path, timeout: float = 30.0) -
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout) == 0, f"worker exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
     return summary(log_path)
-
-
-def db_url(data: Path) -> str:
-    "The default results database of a data dir (SQLite)."
-    return f"sqlite:///{data / 'fraud.db'}"
-
-
-def result_rows(url: str) -> pl.DataFrame:
-    "Every row of the results table."
-    with get_engine(url).connect() as conn:
-        rows = [dict(r) for r in conn.execute(predictions.select()).mappings()]
-    return pl.DataFrame(rows, infer_schema_length=None)
 
 
 def result_count(url: str) -> int:
