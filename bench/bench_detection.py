@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -72,7 +73,8 @@ def table(profile: str, out: dict) -> list[str]:
         ab = out["report"]["ablation"]
         lines.append(f"ablation (validation PR-AUC; full model's parameters; last {ab['train_days']:g} training days):")
         for r in sorted(ab["rows"], key=lambda r: r["delta"]):
-            lines.append(f"  drop {r['dropped']:<28}{r['features']:>4} features  PR-AUC {r['valid_pr_auc']:.4f} "
+            what = f"add {r['dropped'][1:]}" if r["dropped"].startswith("+") else f"drop {r['dropped']}"
+            lines.append(f"  {what:<33}{r['features']:>4} features  PR-AUC {r['valid_pr_auc']:.4f} "
                          f"({r['delta']:+.4f})  {r['trees']} trees")
     s = out["seconds"]
     lines.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in s.items()))
@@ -90,6 +92,7 @@ def main() -> None:
                     help="train the ablation models on the last N days of the training period")
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--keep", type=Path, help="copy each profile's model registry to KEEP/<profile> (for bench_api --model)")
     args = ap.parse_args()
 
     from fraud_detection.model import DEFAULT_GRID
@@ -101,6 +104,8 @@ def main() -> None:
             print(f"profile {profile}: simulate ({args.scale}) → ingest → features → train ...", flush=True)
             out = run_profile(profile, args.scale, args.seed, grid, None if args.no_ablation else args.ablation_days,
                               Path(d))
+            if args.keep:
+                shutil.copytree(Path(d) / "registry", args.keep / profile, dirs_exist_ok=True)
             print(f"  done in {time.perf_counter() - t:.0f} s", flush=True)
         results[profile] = out
     print(f"\nscale {args.scale}, seed {args.seed}, grid {args.grid} (machine shared: seconds are noisy)")

@@ -23,7 +23,7 @@ import xgboost as xgb
 
 from .core import get_settings
 from .features import (
-    FEATURES, RISK_DAILY_SCHEMA, batch_features, daily_risk_counts, risk_from_daily, state_from_history)
+    FEATURES, MODEL_FEATURES, RISK_DAILY_SCHEMA, batch_features, daily_risk_counts, risk_from_daily, state_from_history)
 from fraud_detection.model import (
     DEFAULT_PARAMS, LABEL, Scorer, choose_thresholds, fit_calibration, latest_labels, library_versions, relabel,
     to_matrix)
@@ -376,14 +376,14 @@ def train_at_scale(engine: str,  # "external" (this machine, bounded memory) or 
     if engine == "external":
         manifest = build_training_set(sources, out, delay, progress=echo, labels=labels)
         echo(f"training set: {manifest['rows']:,} rows in {manifest['buckets']} buckets → {out}; training from disk")
-        scorer = train_external(out, FEATURES, num_boost_round=num_boost_round)
+        scorer = train_external(out, MODEL_FEATURES, num_boost_round=num_boost_round)
     elif engine == "spark":
         from fraud_detection.spark import spark_session, spark_train, spark_training_set
         spark = spark_session()
         try:
             manifest = spark_training_set(spark, sources, out, delay, labels=labels)
             echo(f"training set on {manifest['master']}: {manifest['rows']:,} rows → {out}; SparkXGBClassifier")
-            scorer = spark_train(spark, out, FEATURES, num_boost_round=num_boost_round)
+            scorer = spark_train(spark, out, MODEL_FEATURES, num_boost_round=num_boost_round)
         finally:
             spark.stop()
     else:

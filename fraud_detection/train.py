@@ -17,7 +17,7 @@ from . import registry
 from .core import get_settings
 from .evaluate import ablation, evaluate_scorer, plot_ablation, report_text, summary_table, write_report
 from fraud_detection.features import (
-    BASELINE_FEATURES, FEATURE_GROUPS, FEATURES, REFERENCE_FEATURES, batch_features, merchant_risk_table,
+    BASELINE_FEATURES, FEATURE_GROUPS, FEATURES, MODEL_FEATURES, REFERENCE_FEATURES, batch_features, merchant_risk_table,
 )
 from .model import DEFAULT_GRID, LABEL, Scorer, relabel, time_split, train_model
 
@@ -112,7 +112,7 @@ def _train_models(tr: pl.DataFrame, va: pl.DataFrame, kw: dict,  # `train_model`
                   timings: dict[str, float], t: float,  # see `_lap`
                   ) -> tuple[dict[str, Scorer], float]:
     "full (with the search), then reference and transaction-only with the full model's chosen hyperparameters."
-    trained = {"full": train_model(tr, va, FEATURES, **kw)}
+    trained = {"full": train_model(tr, va, MODEL_FEATURES, **kw)}
     t = _lap(timings, "train_full", t)
     # the bars: the same procedure with the hyperparameters the full model's search chose (no second search)
     kw = kw | {"params": (kw["params"] or {}) | trained["full"].meta["search"][trained["full"].meta["chosen"]]["params"],
@@ -158,7 +158,7 @@ def _ablation(tr: pl.DataFrame, va: pl.DataFrame, full: Scorer, out: Path,
               ablation_days: float, params: dict | None, **kw,  # see `train_pipeline`; kw: `ablation`'s
               ) -> dict:
     "Each FEATURE_GROUPS family dropped in turn (the full model's chosen parameters): the report's `ablation`."
-    rows = ablation(tr.filter(pl.col("ts") >= tr["ts"].max() - timedelta(days=ablation_days)), va, FEATURES,
+    rows = ablation(tr.filter(pl.col("ts") >= tr["ts"].max() - timedelta(days=ablation_days)), va, MODEL_FEATURES,
                     FEATURE_GROUPS, params=(params or {}) | full.meta["search"][full.meta["chosen"]]["params"], **kw)
     plot_ablation(rows).savefig(out / "ablation.png", dpi=90)
     return {"train_days": ablation_days, "metric": "valid_pr_auc", "rows": rows}
