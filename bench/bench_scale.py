@@ -203,8 +203,8 @@ def main() -> None:
             sim = measure("simulate", work, "--customers", str(customers))
             print(f"{size}: simulated {customers:,} customers in {sim['seconds']} s (peak {sim['peak_gb']} GB)", flush=True)
         res = {"size": size, "customers": customers}
-        only = set(args.only.split(",")) if args.only else \
-            {"ingest", "features", "training_set", "baseline"} | {"train"} * args.train | {"spark"} * args.spark
+        stages = ["ingest", "features", "training_set", "baseline"] + ["train"] * args.train + ["spark"] * args.spark
+        only = set(args.only.split(",")) if args.only else set(stages)
         for name, extra in [("ingest", ()), ("features", ()), ("training_set", ()), ("train", ("--rounds", str(args.rounds)))]:
             if name not in only:
                 continue
