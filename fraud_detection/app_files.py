@@ -50,7 +50,7 @@ def runs_table(runs_dir: Path | None = None, # default: settings.runs
                name: str | None = None, # only runs of this scheduled notebook
                limit: int = 20) -> pl.DataFrame:
     "Recorded runs of scheduled notebooks, newest first, with the executed notebook's path."
-    from fraud_detection.runs import list_runs
+    from fraud_detection.notebook_runs import list_runs
     recs = list_runs(name, runs_dir=runs_dir, limit=limit)
     rows = [{"name": r.name, "status": r.status, "trigger": r.trigger, "started": r.started, "seconds": r.seconds,
              "error": r.error, "notebook": r.output} for r in recs]

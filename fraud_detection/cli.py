@@ -149,7 +149,7 @@ def features_build_cmd(
     compact: Annotated[bool, typer.Option(help="compact the offline customer-state log afterwards")] = True,
 ):
     "Run scheduled/batch_features.ipynb (or, with FRAUD_SPARK_MASTER, the Spark job): merchant risk + customer state → offline and online stores."
-    from fraud_detection.runs import run_notebook
+    from fraud_detection.notebook_runs import run_notebook
     s = _init()
     if s.spark_master:
         from fraud_detection.spark import spark_build_batch_features
@@ -185,7 +185,7 @@ def train_cmd(
 ):
     "Run scheduled/retrain.ipynb: training set → train (+ baseline) → evaluate → register → promotion gate."
     from fraud_detection import registry
-    from fraud_detection.runs import RunFailed, run_notebook
+    from fraud_detection.notebook_runs import RunFailed, run_notebook
     s = _init()
     engine = ("spark" if s.spark_master else "memory") if engine == "auto" else engine
     if engine not in ("memory", "external", "spark"): raise typer.BadParameter(f"unknown engine {engine!r}")
@@ -257,7 +257,7 @@ def schedule_cmd():
 @app.command("bootstrap")
 def bootstrap_cmd(scale: Annotated[str, typer.Option(help="simulator scale if there is no data")] = "demo"):
     "Make what is missing: data, clean data, batch features, a champion model."
-    from fraud_detection.up import bootstrap
+    from fraud_detection.launcher import bootstrap
     s = _init()
     done = bootstrap(scale, s, echo=_console().print)
     _console().print("nothing to do: everything is there" if not done else f"bootstrap done; data in [bold]{s.data}[/]")
@@ -270,7 +270,7 @@ def up_cmd(
     services: Annotated[str, typer.Option(help="comma-separated subset of broker,worker,api,app,scheduler,producer")] = "all",
 ):
     "Run the whole system on one machine: bootstrap, then broker, worker, API, app, scheduler and replay."
-    from fraud_detection.up import SERVICES, ServiceFailed, up
+    from fraud_detection.launcher import SERVICES, ServiceFailed, up
     s = _init()
     only = SERVICES if services == "all" else tuple(x.strip() for x in services.split(","))
     unknown = set(only) - set(SERVICES)

@@ -23,7 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .core import Settings, get_settings
-from .runs import RunRecord, run_notebook
+from .notebook_runs import RunRecord, run_notebook
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 
 from fraud_detection import results
-from fraud_detection.runs import RunRecord
+from fraud_detection.notebook_runs import RunRecord
 from fraud_detection.testing import fake_predictions
 
 _MODEL_TEMPLATE: Path | None = None

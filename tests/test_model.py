@@ -243,7 +243,7 @@ def test_retrain_notebook_runs_on_demo_data(fraud_home):
     "scheduled/retrain.ipynb with its CI defaults: simulate in memory, train, register, gate, report."
     import json
 
-    from fraud_detection.runs import run_notebook
+    from fraud_detection.notebook_runs import run_notebook
     rec = run_notebook("retrain", {"num_boost_round": 200, "grid": None}, progress=False)
     assert rec.status == "ok", rec.error
     reg = fraud_home / "data" / "registry"

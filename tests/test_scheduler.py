@@ -16,8 +16,8 @@ from test_drift import write_scored
 from fraud_detection import drift, registry
 from fraud_detection.core import Settings, get_settings
 from fraud_detection.ingest import ingest_files, raw_inputs
+from fraud_detection.notebook_runs import RunRecord, list_runs, run_notebook
 from fraud_detection.results import get_engine
-from fraud_detection.runs import RunRecord, list_runs, run_notebook
 from fraud_detection.scheduler import JobSpec, Scheduler, check_drift, next_due
 from fraud_detection.simulate import simulate_to_files
 

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from fraud_detection.broker import free_port
-from fraud_detection.up import port_free
+from fraud_detection.launcher import port_free
 
 pytestmark = [pytest.mark.kafka]
 
