@@ -35,8 +35,8 @@ def reasons_chart(reasons: str | Sequence[dict] | None, # [{feature, value, cont
     return (bars + rule).properties(height=height or max(120, 34 * df.height), autosize=alt.AutoSizeParams(type="fit-x", contains="padding"))
 
 # %% ../nbs/60b_app_charts.ipynb #bde7df9e
-def location_chart(tx: dict[str, Any], # results.read_prediction output
-                   history: pl.DataFrame, # results.read_customer_history output
+def location_chart(tx: dict[str, Any], # results_store.read_prediction output
+                   history: pl.DataFrame, # results_store.read_customer_history output
                    height: int = 300):
     "Scatter of merchant locations (history, this transaction) and the customer's home area (rounded)."
     import altair as alt

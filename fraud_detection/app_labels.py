@@ -128,7 +128,7 @@ def features_table(features: dict[str, Any], # feature name -> value, as stored 
 # %% ../nbs/60a_app_labels.ipynb #606a1d50
 LABEL_STATUS = {None: "open", 1: "fraud", 0: "legitimate"}
 
-def alerts_table(alerts: pl.DataFrame, # from results.read_alerts
+def alerts_table(alerts: pl.DataFrame, # from results_store.read_alerts
                 ) -> pl.DataFrame:
     "The queue's display columns: time, decision, score, amount, merchant, category, state, top reason, label status."
     return alerts.select(

@@ -13,7 +13,7 @@ import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .results import predictions
+from .results_store import predictions
 
 # %% auto #0
 __all__ = ['TIME_WINDOWS', 'window_start', 'classification_metrics', 'metrics_over_time', 'champion_vs_challenger',
@@ -24,7 +24,7 @@ TIME_WINDOWS: dict[str, timedelta | None] = {"Last hour": timedelta(hours=1), "L
                                              "Last 7 days": timedelta(days=7), "Last 30 days": timedelta(days=30),
                                              "All time": None}
 
-def window_start(clock: datetime | None, # the store's event clock (results.event_clock)
+def window_start(clock: datetime | None, # the store's event clock (results_store.event_clock)
                  window: str, # a key of TIME_WINDOWS
                 ) -> datetime | None:
     "Start of a TIME_WINDOWS window ending at the event clock (None: unbounded)."
@@ -52,7 +52,7 @@ def classification_metrics(y: Sequence[int] | pl.Series, # effective labels (1 =
 _METRICS_SCHEMA = {"n": pl.Int64, "n_fraud": pl.Int64, "n_flagged": pl.Int64, "precision": pl.Float64,
                    "recall": pl.Float64, "f1": pl.Float64, "pr_auc": pl.Float64}
 
-def metrics_over_time(labelled: pl.DataFrame, # from results.labelled_predictions
+def metrics_over_time(labelled: pl.DataFrame, # from results_store.labelled_predictions
                       every: str = "1d", # bucket size (polars duration: 1h, 1d, 1w)
                      ) -> pl.DataFrame:
     "The champion's classification_metrics per event-time bucket."
@@ -68,7 +68,7 @@ def metrics_over_time(labelled: pl.DataFrame, # from results.labelled_prediction
 def _versions(s: pl.Series) -> str:
     return ", ".join(sorted(set(s.drop_nulls())))
 
-def champion_vs_challenger(labelled: pl.DataFrame, # from results.labelled_predictions
+def champion_vs_challenger(labelled: pl.DataFrame, # from results_store.labelled_predictions
                           ) -> pl.DataFrame:
     "Side by side metrics of the champion and (on rows it shadow-scored) the challenger, with their agreement."
     rows = []
@@ -123,7 +123,7 @@ def recent_features(engine: Engine, limit: int = 2000) -> pl.DataFrame:
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
 # %% ../nbs/60c_app_queries.ipynb #add88a57
-def worker_summary(stats: pl.DataFrame, # from results.read_worker_stats
+def worker_summary(stats: pl.DataFrame, # from results_store.read_worker_stats
                   ) -> dict[str, float | int | None]:
     "Totals (processed, dlq), current throughput and lag summed over each worker's latest report."
     if stats.height == 0:

@@ -193,7 +193,7 @@ def train_cmd(
         from fraud_detection.partitioned import train_at_scale
         labels = None
         if labels_from_db:  # the same analyst labels the memory path's notebook reads (applied by `model.relabel`)
-            from fraud_detection.results import get_engine, read_labels
+            from fraud_detection.results_store import get_engine, read_labels
             labels = read_labels(get_engine(s.database_url))
         out = train_at_scale(engine, margin=margin, echo=_console().print, labels=labels)
         al = registry.aliases()

@@ -242,7 +242,7 @@ def serving_version(engine, # results database
                    ) -> str | None:
     "The model that scored the most recently scored transaction: the one serving now (None before any)."
     import sqlalchemy as sa
-    from fraud_detection.results import predictions
+    from fraud_detection.results_store import predictions
     c = predictions.c
     with engine.connect() as conn:
         return conn.execute(sa.select(c.model_version).order_by(c.scored_at.desc()).limit(1)).scalar()
@@ -254,7 +254,7 @@ def recent_scored(engine, # results database
     "Model inputs, ts, fraud_probability and decision of the `limit` most recent transactions scored by `version`."
     import json
     import sqlalchemy as sa
-    from fraud_detection.results import predictions
+    from fraud_detection.results_store import predictions
     c = predictions.c
     stmt = (sa.select(c.ts, c.fraud_probability, c.decision, c.features)
             .where(c.features.is_not(None), c.model_version == version).order_by(c.ts.desc()).limit(limit))
@@ -281,7 +281,7 @@ def check(settings=None, # default: get_settings()
     from fraud_detection import registry
     from fraud_detection.core import get_settings
     from fraud_detection.features import FEATURES
-    from fraud_detection.results import create_tables, get_engine
+    from fraud_detection.results_store import create_tables, get_engine
     s = settings or get_settings()
     cfg = DriftConfig.from_settings(s)
     engine = engine or get_engine(s.database_url)

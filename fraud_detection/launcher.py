@@ -187,7 +187,7 @@ def plan_services(settings=None, rate: float = 50.0, limit: int | None = None,
 def first_scored(settings=None) -> int:
     "How many transactions the results store holds (0 if none or not created yet)."
     import sqlalchemy as sa
-    from fraud_detection.results import get_engine
+    from fraud_detection.results_store import get_engine
     try:
         with get_engine((settings or get_settings()).database_url).connect() as c:
             return c.execute(sa.text("select count(*) from predictions")).scalar_one()

@@ -178,7 +178,7 @@ class JobRunner:
                  engine: sa.Engine | None = None, # default: the results database
                  misfire_grace_s: float = 300.0, # a due time missed by more than this is a missed run
                  owner: str | None = None): # lease owner name (default: host:pid:random)
-        from fraud_detection.results import get_engine
+        from fraud_detection.results_store import get_engine
         self.s = settings or get_settings()
         self.run, self.retries, self.backoff_s, self.clock = run, retries, backoff_s, clock
         self.misfire_grace_s, self.lease_s = misfire_grace_s, self.s.scheduler_lease_s

@@ -19,7 +19,7 @@ import fraud_detection.app_prometheus as app_prometheus
 import fraud_detection.app_queries as app_queries
 import fraud_detection.core as core
 import fraud_detection.drift as drift
-import fraud_detection.results as results
+from . import results_store
 
 # %% auto #0
 __all__ = ['TTL', 'LIVE_EVERY', 'DECISION_TEXT', 'query', 'no_data_banner', 'alerts_page', 'case_page', 'performance_page',
@@ -28,13 +28,13 @@ __all__ = ['TTL', 'LIVE_EVERY', 'DECISION_TEXT', 'query', 'no_data_banner', 'ale
 # %% ../nbs/62_streamlit_app.ipynb #c3105e99
 TTL = 5  # seconds a cached read stays fresh
 LIVE_EVERY = 10  # seconds between auto-refreshes of the alerts queue
-_MODULES = {"results": results, "app_queries": app_queries}
+_MODULES = {"results_store": results_store, "app_queries": app_queries}
 
 @st.cache_resource(show_spinner=False)
 def _engine(url: str):
     "The results store's engine, tables created if missing."
-    eng = results.get_engine(url)
-    results.create_tables(eng)
+    eng = results_store.get_engine(url)
+    results_store.create_tables(eng)
     return eng
 
 @st.cache_data(ttl=TTL, show_spinner=False)
@@ -83,7 +83,7 @@ def alerts_page() -> None:
     url = _url()
     st.title("Alerts queue")
     st.caption("Transactions the model sent to review or declined, newest first (event time).")
-    clock = query("results.event_clock", url)
+    clock = query("results_store.event_clock", url)
     if clock is None:
         no_data_banner("alerts")
         return
@@ -102,14 +102,14 @@ def alerts_page() -> None:
 
     @st.fragment(run_every=LIVE_EVERY if live else None)
     def queue() -> None:
-        summ = query("results.alert_summary", url, **filters)
+        summ = query("results_store.alert_summary", url, **filters)
         m = st.columns(5)
         m[0].metric("Alerts", f"{summ['n']:,}", border=True)
         m[1].metric("In review", f"{summ['n_review']:,}", border=True)
         m[2].metric("Declined", f"{summ['n_decline']:,}", border=True)
         m[3].metric("Amount at stake", f"${summ['amount']:,.0f}", border=True)
         m[4].metric("Unlabelled", f"{summ['n'] - summ['labelled']:,}", border=True)
-        df = app_labels.alerts_table(query("results.read_alerts", url, limit=500, **filters))
+        df = app_labels.alerts_table(query("results_store.read_alerts", url, limit=500, **filters))
         if df.height == 0:
             st.info("No alerts match these filters.", icon=":material/filter_alt_off:")
             return
@@ -136,7 +136,7 @@ def alerts_page() -> None:
 # %% ../nbs/62_streamlit_app.ipynb #e2ca7176
 def _pick_transaction(url: str) -> str | None:
     "The transaction to show: ?tx=, the one opened from the queue, or a pick among recent alerts."
-    recent = query("results.read_alerts", url, limit=200)
+    recent = query("results_store.read_alerts", url, limit=200)
     wanted = st.query_params.get("tx") or st.session_state.get("case_tx")
     options = recent["trans_num"].to_list()
     if wanted and wanted not in options:
@@ -162,7 +162,7 @@ def _label_form(url: str, tx: dict) -> None:
         legit = b[1].form_submit_button("Legitimate", icon=":material/verified_user:", width="stretch")
     if fraud or legit:
         st.session_state["analyst"] = analyst
-        out = results.label_transaction(_engine(url), tx["trans_num"], 1 if fraud else 0, note=note, analyst=analyst or None)
+        out = results_store.label_transaction(_engine(url), tx["trans_num"], 1 if fraud else 0, note=note, analyst=analyst or None)
         query.clear()
         st.session_state["label_outcome"] = (tx["trans_num"], "fraud" if fraud else "legitimate", out.published, out.detail)
         st.rerun()
@@ -196,7 +196,7 @@ def _case_header(tx: dict) -> None:
 
 def _case_history(url: str, tx: dict) -> pl.DataFrame:
     "The customer's earlier scored transactions as a table (no PII); returned for the location chart."
-    hist = query("results.read_customer_history", url, customer_id=tx["customer_id"], before=tx["ts"], limit=50)
+    hist = query("results_store.read_customer_history", url, customer_id=tx["customer_id"], before=tx["ts"], limit=50)
     st.subheader("Customer's earlier transactions")
     if not hist.height:
         st.caption("No earlier transactions of this customer were scored.")
@@ -236,11 +236,11 @@ def case_page() -> None:
     "Page 2: one transaction with features, score, SHAP reasons, customer history, location, and labelling."
     url = _url()
     st.title("Case view")
-    if query("results.event_clock", url) is None:
+    if query("results_store.event_clock", url) is None:
         no_data_banner("cases")
         return
     tn = _pick_transaction(url)
-    tx = query("results.read_prediction", url, trans_num=tn) if tn else None
+    tx = query("results_store.read_prediction", url, trans_num=tn) if tn else None
     if tx is None:
         st.warning(f"No scored transaction `{tn}`.", icon=":material/search_off:")
         return
@@ -299,7 +299,7 @@ def performance_page() -> None:
     "Page 3: precision/recall/F1/PR-AUC over time, alert volume, champion vs challenger, latest evaluation report."
     url, s = _url(), core.get_settings()
     st.title("Model performance")
-    clock = query("results.event_clock", url)
+    clock = query("results_store.event_clock", url)
     if clock is None:
         no_data_banner("performance figures")
         return
@@ -309,7 +309,7 @@ def performance_page() -> None:
     every = c[1].selectbox("Bucket", ["day", "hour"], key="pf_every")
     window = c[2].selectbox("Time", list(app_queries.TIME_WINDOWS), index=4, key="pf_window")
     since = app_queries.window_start(clock, window)
-    lp = query("results.labelled_predictions", url, label_delay_days=delay, since=since)
+    lp = query("results_store.labelled_predictions", url, label_delay_days=delay, since=since)
     if lp.height == 0:
         st.info(f"No labelled transactions yet. Simulator labels become known {delay} days after a transaction "
                 "(event time); analyst labels count at once.", icon=":material/hourglass_empty:")
@@ -411,7 +411,7 @@ def drift_page() -> None:
     "Page 4: score, decision rate, monitored inputs and segments vs the champion's validation period; recent runs."
     url, s = _url(), core.get_settings()
     st.title("Drift")
-    if query("results.event_clock", url) is None:
+    if query("results_store.event_clock", url) is None:
         no_data_banner("drift figures")
     else:
         c = st.columns([1, 1, 4])
@@ -456,7 +456,7 @@ def system_page() -> None:
     "Page 5: stream throughput and lag, DLQ count, scoring freshness, API latency, label publishing backlog."
     url = _url()
     st.title("System")
-    stats = query("results.read_worker_stats", url, since=datetime.now(UTC).replace(tzinfo=None) - timedelta(hours=24))
+    stats = query("results_store.read_worker_stats", url, since=datetime.now(UTC).replace(tzinfo=None) - timedelta(hours=24))
     ws = app_queries.worker_summary(stats)
     fresh = query("app_queries.scoring_latency", url)
     if ws["workers"] == 0 and not fresh["n"]:
@@ -489,11 +489,11 @@ def system_page() -> None:
     else:
         st.warning(f"The API is not reachable at {api['url']} ({api['error']}).", icon=":material/cloud_off:")
     st.subheader("Labels topic")
-    pending = query("results.pending_labels", url)
+    pending = query("results_store.pending_labels", url)
     st.caption(f"{pending:,} analyst label(s) waiting to be published to the labels topic." if pending
                else "Every analyst label has been published to the labels topic.")
     if pending and st.button("Publish pending labels", icon=":material/send:", key="sys_publish"):
-        out = results.publish_pending_labels(_engine(url))
+        out = results_store.publish_pending_labels(_engine(url))
         query.clear()
         (st.success if out and out.published else st.warning)(out.detail if out else "nothing to publish")
 
@@ -510,8 +510,8 @@ def pages() -> dict[str, st.Page]:
 def _sidebar() -> None:
     url = _url()
     with st.sidebar:
-        backend = results.get_engine(url).dialect.name
-        clock = query("results.event_clock", url)
+        backend = results_store.get_engine(url).dialect.name
+        clock = query("results_store.event_clock", url)
         st.caption(f"Store: **{backend}**  \n" + (f"Latest transaction: {clock:%Y-%m-%d %H:%M}" if clock else "Nothing scored yet"))
         if st.button("Refresh data", icon=":material/refresh:", key="sb_refresh"):
             st.cache_data.clear()

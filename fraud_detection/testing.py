@@ -29,7 +29,7 @@ from .features import FEATURES, batch_features, merchant_risk_table, state_from_
 from .ingest import clean_frame
 from .model import LABEL, Scorer, time_split, train_model
 from .registry import register, set_alias
-from .results import get_engine, predictions
+from .results_store import get_engine, predictions
 from .schema import Transaction
 from .simulate import simulate
 

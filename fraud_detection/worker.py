@@ -31,7 +31,7 @@ from .core import Settings, get_settings, setup_logging
 from .feature_store import (
     CUSTOMER_VIEW, MERCHANT_RISK_OFFLINE, apply, get_store, push_state, read_offline_merchant_risk, read_state)
 from .features import empty_state, incremental_features, merge_state
-from .results import create_tables, get_engine, predictions, write_predictions, write_worker_stats
+from .results_store import create_tables, get_engine, predictions, write_predictions, write_worker_stats
 from .schema import decode_batch
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def triage(batch: pl.DataFrame,  # parsed transactions (`parse_batch(...).frame`
             .drop("_lts", "_ltn"))
 
 # %% ../nbs/42_worker.ipynb #eb04ae0c
-def scored_trans_nums(engine: Engine,  # results database (results.get_engine)
+def scored_trans_nums(engine: Engine,  # results database (results_store.get_engine)
                       trans_nums: list[str],  # candidates
                       chunk: int = 5000,  # trans_nums per query
                      ) -> set[str]:
@@ -398,7 +398,7 @@ class StreamWorker:
                  consumer: Consumer,  # subscribed to `transactions` with `self.on_assign`/`on_revoke`/`on_lost`
                  producer: Producer,  # idempotent producer (broker.producer_config)
                  store: FeatureStore,  # Feast store (feature_store.get_store)
-                 engine: Engine,  # results database (results.get_engine), tables created
+                 engine: Engine,  # results database (results_store.get_engine), tables created
                  models: Models,  # champion (+ challenger)
                  merchant_risk: MerchantRisk,  # the batch pipeline's merchant-risk table
                  explain: Explain = "flagged",  # which rows get SHAP reasons (see `prediction_rows`)

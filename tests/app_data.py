@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from fraud_detection import results
+from fraud_detection import results_store
 from fraud_detection.notebook_runs import RunRecord
 from fraud_detection.testing import fake_predictions
 
@@ -44,13 +44,13 @@ def make_scored_home(root: Path, n: int = 200, seed: int = 7) -> dict:
     "Fill root/data and root/runs as the running system would; returns what was written."
     data, runs = root / "data", root / "runs"
     now = datetime.now(UTC).replace(tzinfo=None)
-    eng = results.get_engine(f"sqlite:///{data / 'fraud.db'}")
-    results.create_tables(eng)
+    eng = results_store.get_engine(f"sqlite:///{data / 'fraud.db'}")
+    results_store.create_tables(eng)
     preds = fake_predictions(n, seed=seed, end=now)
-    results.write_predictions(eng, preds)
+    results_store.write_predictions(eng, preds)
     for i in range(6):
         for w in ("worker-0", "worker-1"):
-            results.write_worker_stats(eng, w, processed=400 + 10 * i, dlq=i % 2, lag=120 - 20 * i, throughput=40.0 + i,
+            results_store.write_worker_stats(eng, w, processed=400 + 10 * i, dlq=i % 2, lag=120 - 20 * i, throughput=40.0 + i,
                                        ts=now - timedelta(minutes=6 - i))
     # training reference: the same kind of rows, amounts less than half (so amount drifts, the rest does not)
     ref = fake_predictions(1500, seed=seed + 1, end=now - timedelta(days=60), days=60)

@@ -9,7 +9,7 @@ from app_data import make_scored_home
 from streamlit.testing.v1 import AppTest
 
 import fraud_detection
-from fraud_detection import results
+from fraud_detection import results_store
 from fraud_detection.broker import free_port
 from fraud_detection.core import get_settings
 
@@ -44,7 +44,7 @@ def scored(fraud_home: Path, monkeypatch: pytest.MonkeyPatch):
     info = make_scored_home(fraud_home)
     yield info
     st.cache_data.clear()
-    results.get_engine(info["url"]).dispose()
+    results_store.get_engine(info["url"]).dispose()
 
 
 def texts(at: AppTest, kind: str) -> str:
@@ -63,8 +63,8 @@ def test_alerts_with_data(scored):
     assert not at.exception, at.exception
     assert [m.label for m in at.metric] == ["Alerts", "In review", "Declined", "Amount at stake", "Unlabelled"]
     preds = scored["predictions"]
-    eng = results.get_engine(scored["url"])
-    summ = results.alert_summary(eng, since=results.event_clock(eng) - __import__("datetime").timedelta(days=7))
+    eng = results_store.get_engine(scored["url"])
+    summ = results_store.alert_summary(eng, since=results_store.event_clock(eng) - __import__("datetime").timedelta(days=7))
     assert int(at.metric[0].value.replace(",", "")) == summ["n"] > 0
     table = at.dataframe[0].value
     assert len(table) == summ["n"] and set(table["decision"]) <= {"review", "decline"}
@@ -83,8 +83,8 @@ def test_case_with_data_and_labelling(scored):
     at = run_page("case")
     assert not at.exception, at.exception
     tn = at.selectbox(key="case_pick").value
-    eng = results.get_engine(scored["url"])
-    tx = results.read_prediction(eng, tn)
+    eng = results_store.get_engine(scored["url"])
+    tx = results_store.read_prediction(eng, tn)
     assert at.metric[0].label == "Fraud score" and at.metric[0].value == f"{tx['fraud_probability']:.3f}"
     assert len(at.get("vega_lite_chart")) == 2  # SHAP reasons, location
     assert "Why this score" in [h.value for h in at.subheader]
@@ -93,14 +93,14 @@ def test_case_with_data_and_labelling(scored):
     at.text_input[0].set_value("analyst-7")
     next(b for b in at.button if b.label == "Fraud").click().run()
     assert not at.exception, at.exception
-    lab = results.read_prediction(eng, tn)["label"]
+    lab = results_store.read_prediction(eng, tn)["label"]
     assert (lab["label"], lab["note"], lab["analyst"], lab["source"]) == (1, "card testing burst", "analyst-7", "analyst")
     assert "Label stored: **fraud**" in texts(at, "success")
     assert "No broker at" in texts(at, "warning")  # nothing listens on the broker port: stored, not published
-    assert results.pending_labels(eng) == 1
+    assert results_store.pending_labels(eng) == 1
     # the analyst changes their mind: latest label wins, and the page shows it
     next(b for b in at.button if b.label == "Legitimate").click().run()
-    assert results.read_prediction(eng, tn)["label"]["label"] == 0
+    assert results_store.read_prediction(eng, tn)["label"]["label"] == 0
     assert "Labelled **legitimate**" in texts(at, "info")
 
 
@@ -118,8 +118,8 @@ def test_label_is_published_when_the_broker_runs(scored, monkeypatch):
         next(x for x in at.button if x.label == "Fraud").click().run()
         assert not at.exception, at.exception
         assert "Published to topic 'labels'" in texts(at, "caption")
-        eng = results.get_engine(scored["url"])
-        assert results.pending_labels(eng) == 0
+        eng = results_store.get_engine(scored["url"])
+        assert results_store.pending_labels(eng) == 0
         msgs = read_topic(b.bootstrap, TOPIC_LABELS, 1, timeout=10)
         assert msgs[0].key().decode() == tn and json.loads(msgs[0].value())["label"] == 1
 

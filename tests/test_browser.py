@@ -20,7 +20,7 @@ import pytest
 from app_data import make_scored_home
 from chromium import chromium_page
 
-from fraud_detection import results as R
+from fraud_detection import results_store as R
 from fraud_detection.app import app_command
 from fraud_detection.broker import free_port
 from fraud_detection.core import stop_process_group

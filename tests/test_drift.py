@@ -20,7 +20,7 @@ from fraud_detection.features import FEATURES
 from fraud_detection.ingest import clean_frame
 from fraud_detection.model import time_split, train_model
 from fraud_detection.registry import load, register, set_alias
-from fraud_detection.results import create_tables, get_engine, write_predictions
+from fraud_detection.results_store import create_tables, get_engine, write_predictions
 from fraud_detection.scheduler import check_drift
 from fraud_detection.simulate import simulate
 from fraud_detection.train import build_datasets

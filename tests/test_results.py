@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
-from fraud_detection import results as R
+from fraud_detection import results_store as R
 from fraud_detection.testing import fake_predictions, fresh_pg_database
 
 

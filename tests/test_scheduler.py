@@ -17,7 +17,7 @@ from fraud_detection import drift, registry
 from fraud_detection.core import Settings, get_settings
 from fraud_detection.ingest import ingest_files, raw_inputs
 from fraud_detection.notebook_runs import RunRecord, list_runs, run_notebook
-from fraud_detection.results import get_engine
+from fraud_detection.results_store import get_engine
 from fraud_detection.scheduler import JobSpec, Scheduler, check_drift, next_due
 from fraud_detection.simulate import simulate_to_files
 
@@ -108,7 +108,7 @@ JOBS = [JobSpec("batch_features", "0 * * * *", "once", "batch_features"), JobSpe
 
 def test_restart_keeps_next_due_times_and_cooldown(tmp_path: Path):
     s = Settings(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", drift_cooldown_min=360)
-    url = f"sqlite:///{tmp_path / 'results.db'}"
+    url = f"sqlite:///{tmp_path / 'results_store.db'}"
     t = [1_772_370_000.0]  # 2026-03-01 13:00 UTC
     run = _Runner()
     first = Scheduler(s, run=run, clock=lambda: t[0], jobs=JOBS, engine=get_engine(url))

@@ -33,7 +33,7 @@ from fraud_detection.core import Settings
 from fraud_detection.feature_store import MERCHANT_RISK_OFFLINE, apply, get_store, push_state, read_state
 from fraud_detection.features import assert_same_features, batch_features, state_from_history
 from fraud_detection.registry import load
-from fraud_detection.results import get_engine, predictions
+from fraud_detection.results_store import get_engine, predictions
 from fraud_detection.schema import frame_to_messages, message_headers
 from fraud_detection.testing import fresh_pg_database
 from fraud_detection.worker import load_merchant_risk

@@ -34,7 +34,7 @@ from fraud_detection.broker import (
 )
 from fraud_detection.core import PII_COLUMNS
 from fraud_detection.producer import replay
-from fraud_detection.results import get_engine, read_worker_stats
+from fraud_detection.results_store import get_engine, read_worker_stats
 from fraud_detection.schema import frame_to_messages, message_headers
 from fraud_detection.testing import fresh_pg_database
 from fraud_detection.worker import run_worker

@@ -20,7 +20,7 @@ from fraud_detection.broker import TOPIC_DLQ, TOPIC_TRANSACTIONS, consumer_confi
 from fraud_detection.core import CATEGORIES
 from fraud_detection.feature_store import MERCHANT_RISK_OFFLINE, get_store
 from fraud_detection.model import Scorer
-from fraud_detection.results import create_tables, get_engine
+from fraud_detection.results_store import create_tables, get_engine
 from fraud_detection.schema import MAX_AMT, MIN_AMT, frame_to_messages, message_headers
 from fraud_detection.worker import MerchantRisk, Models, StreamWorker
 

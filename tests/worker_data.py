@@ -42,7 +42,7 @@ from fraud_detection.features import (
     state_from_history,
 )
 from fraud_detection.registry import load
-from fraud_detection.results import get_engine, predictions
+from fraud_detection.results_store import get_engine, predictions
 from fraud_detection.testing import PARTITIONS, build_data_dir, db_url, result_rows, settings_for  # noqa: F401 (used by the tests)
 from fraud_detection.worker import WorkerStats, load_merchant_risk, run_worker
 
