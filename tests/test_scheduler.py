@@ -108,7 +108,7 @@ JOBS = [JobSpec("batch_features", "0 * * * *", "once", "batch_features"), JobSpe
 
 def test_restart_keeps_next_due_times_and_cooldown(tmp_path: Path):
     s = Settings(runs_dir=tmp_path / "runs", data_dir=tmp_path / "data", drift_cooldown_min=360)
-    url = f"sqlite:///{tmp_path / 'results_store.db'}"
+    url = f"sqlite:///{tmp_path / 'results.db'}"
     t = [1_772_370_000.0]  # 2026-03-01 13:00 UTC
     run = _Runner()
     first = Scheduler(s, run=run, clock=lambda: t[0], jobs=JOBS, engine=get_engine(url))
