@@ -19,7 +19,7 @@ import fraud_detection.app_prometheus as app_prometheus
 import fraud_detection.app_queries as app_queries
 import fraud_detection.core as core
 import fraud_detection.drift as drift
-from . import results_store
+import fraud_detection.results_store as results_store
 
 # %% auto #0
 __all__ = ['TTL', 'LIVE_EVERY', 'DECISION_TEXT', 'query', 'no_data_banner', 'alerts_page', 'case_page', 'performance_page',

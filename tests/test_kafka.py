@@ -25,6 +25,7 @@ from fraud_detection.broker import (
     broker_for,
     consumer_config,
     ensure_topics,
+    free_port,
     port_open,
     producer_config,
     read_topic,
@@ -304,7 +305,7 @@ def test_replay_ctrl_c(broker, topic, tmp_path):
 # ---------------------------------------------------------------- the broker process
 
 def test_broker_for_starts_or_shares(broker):
-    port = broker.port + 1 if not port_open("127.0.0.1", broker.port + 1) else broker.port + 2
+    port = free_port()  # not broker.port + 1: in the ephemeral range, a client socket may hold it meanwhile
     s = Settings(broker_port=port, kafka_bootstrap_servers=None, topic_partitions=2)
     with broker_for(s) as bootstrap:
         assert bootstrap == f"127.0.0.1:{port}" and port_open("127.0.0.1", port)

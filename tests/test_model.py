@@ -175,9 +175,9 @@ def test_shap_contributions_sum_to_margin(trained, datasets):
     sc = res.model
     X = sc.matrix(rows)
     c = contributions(sc.booster, X)
-    assert c.shape == (rows.height, len(FEATURES) + 1)
+    assert c.shape == (rows.height, len(sc.features) + 1)
     np.testing.assert_allclose(c.sum(1), sc.margin(X), rtol=0, atol=1e-4)
-    out = sc.score(rows, top_k=len(FEATURES))
+    out = sc.score(rows, top_k=len(sc.features))
     full = np.array([sum(r["contribution"] for r in rs) for rs in out["reasons"].to_list()])
     np.testing.assert_allclose(full + c[:, -1], sc.margin(X), rtol=0, atol=1e-4)
     top = out["reasons"][0].to_list()
