@@ -312,6 +312,31 @@ def _sorted_across(bounds: list[tuple]) -> bool:
     "Whether chunks whose (first, last) sort keys are `bounds` are already in order one after the other."
     return all(a[1] <= b[0] for a, b in zip(bounds, bounds[1:], strict=False))
 
+# %% ../nbs/02_ingest.ipynb #59a26c0e
+def _hold_back_last_instant(held: pl.DataFrame | None,  # rows held back from the previous chunk
+                            clean: pl.DataFrame,  # this chunk's clean rows, sorted by (ts, trans_num)
+                            last: bool,  # the file's last chunk: nothing is held back
+                            ) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    "(rows to write now, rows held back for the next chunk): the rows at the chunk's latest instant wait for it."
+    if held is not None and held.height:
+        clean = pl.concat([held, clean]).sort("ts", "trans_num")
+    if last or clean.is_empty():
+        return clean, None
+    at_end = pl.col("ts") == clean["ts"].max()
+    return clean.filter(~at_end), clean.filter(at_end)
+
+def _write_chunk(scratch: Path,  # the file's scratch folder (clean/ and rejects/ inside)
+                 i: int,  # chunk number
+                 clean: pl.DataFrame,  # clean rows to write, sorted by (ts, trans_num)
+                 rejects: pl.DataFrame,  # rejected rows
+                 ) -> tuple | None:
+    "Write chunk `i`; its first and last (ts, trans_num), None when it has no clean rows."
+    name = f"{i:06d}.parquet"
+    clean.write_parquet(scratch / "clean" / name)
+    rejects.write_parquet(scratch / "rejects" / name)
+    keys = clean.select("ts", "trans_num")
+    return (keys.row(0), keys.row(-1)) if clean.height else None
+
 # %% ../nbs/02_ingest.ipynb #ca0dd6b9
 def ingest_file(path: Path,  # Kaggle CSV or simulator parquet
                 out_dir: Path,  # clean parquet goes here, rejects under out_dir/rejects
@@ -331,7 +356,7 @@ def ingest_file(path: Path,  # Kaggle CSV or simulator parquet
         rep.ignored_columns = [c for c in names if c not in RAW_COLUMNS and c not in INDEX_COLUMNS]
         for d in ("clean", "rejects", "seen"):
             (scratch / d).mkdir(parents=True)
-        seen, reasons, bounds, off = _SeenIds(scratch / "seen"), Counter(), [], 0
+        seen, reasons, bounds, off, held = _SeenIds(scratch / "seen"), Counter(), [], 0, None
         while True:
             stage(f"validating rows from {off:,}")
             raw = lf.slice(off, chunk_rows).collect()
@@ -343,17 +368,16 @@ def ingest_file(path: Path,  # Kaggle CSV or simulator parquet
             if clean.height + rejects.height != raw.height:
                 raise AssertionError(f"{path}: rows lost in rows {off:,}…: {raw.height} in, "
                                      f"{clean.height} ok + {rejects.height} rejected")
-            name = f"{len(bounds):06d}.parquet"
-            clean.write_parquet(scratch / "clean" / name)
-            rejects.write_parquet(scratch / "rejects" / name)
-            bounds.append((clean.select("ts", "trans_num").row(0), clean.select("ts", "trans_num").row(-1))
-                          if clean.height else None)
             rep.rows_in, rep.rows_ok, rep.rows_rejected = (rep.rows_in + raw.height, rep.rows_ok + clean.height,
                                                            rep.rows_rejected + rejects.height)
             reasons.update(_reason_counts(rejects))
+            clean, held = _hold_back_last_instant(held, clean, last)
+            bounds.append(_write_chunk(scratch, len(bounds), clean, rejects))
             off += raw.height
             if last:
                 break
+        if held is not None and held.height:  # the file ended on a full chunk: the held rows are the last part
+            bounds.append(_write_chunk(scratch, len(bounds), held, rejects.clear()))
         if rep.rows_in == 0:
             raise IngestError(f"{path}: no rows (header only?)")
         rep.reasons = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
