@@ -49,7 +49,7 @@ from fraud_detection.broker import (  # noqa: E402
 from fraud_detection.producer import replay  # noqa: E402
 from fraud_detection.schema import decode_transaction, frame_to_messages, message_headers  # noqa: E402
 from fraud_detection.testing import build_data_dir, db_url, fresh_pg_database, result_rows, settings_for  # noqa: E402
-from fraud_detection.worker import StreamWorker, run_worker  # noqa: E402
+from fraud_detection.worker import EXPLAIN_OPTIONS, StreamWorker, run_worker  # noqa: E402
 
 
 @contextmanager
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--copies", type=int, default=10, help="held-out period replayed this many times for throughput")
     ap.add_argument("--rate", type=float, default=1000.0, help="tx/s of the freshness replay")
     ap.add_argument("--fresh-seconds", type=float, default=10.0, help="length of the freshness replay")
-    ap.add_argument("--explain", choices=["flagged", "all", "none"], default="flagged")
+    ap.add_argument("--explain", choices=list(EXPLAIN_OPTIONS), default="flagged")
     ap.add_argument("--db", default="sqlite,postgres", help="results stores, comma-separated: sqlite, postgres")
     ap.add_argument("--postgres-url", default=os.environ.get(
         "FRAUD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     dbs = [d.strip() for d in a.db.split(",") if d.strip()]
     if unknown := set(dbs) - set(GOALS):
         ap.error(f"unknown results store(s) {sorted(unknown)}: use sqlite, postgres")
-    explain = {"all": True, "flagged": "flagged", "none": False}[a.explain]
+    explain = EXPLAIN_OPTIONS[a.explain]
     import polars as pl
     tmp = Path(tempfile.mkdtemp(prefix="bench_worker_"))
     try:

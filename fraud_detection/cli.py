@@ -130,13 +130,13 @@ def work_cmd(
     explain: Annotated[str, typer.Option(help="rows that get SHAP reasons: flagged | all | none")] = "flagged",
 ):
     "Run a stream worker (consumer-group member): features, scoring, alerts, results, online store."
-    from fraud_detection.worker import run_worker
-    reasons = {"flagged": "flagged", "all": True, "none": False}
-    if explain not in reasons: raise typer.BadParameter(f"--explain must be one of {list(reasons)}, got {explain!r}")
+    from fraud_detection.worker import EXPLAIN_OPTIONS, run_worker
+    if explain not in EXPLAIN_OPTIONS:
+        raise typer.BadParameter(f"--explain must be one of {list(EXPLAIN_OPTIONS)}, got {explain!r}")
     s = _init()
     _need_broker(s)
     stats = run_worker(s, batch_size=batch_size, max_wait=max_wait, max_messages=max_messages, idle_exit=idle_exit,
-                       explain=reasons[explain])
+                       explain=EXPLAIN_OPTIONS[explain])
     _console().print(f"results in [bold]{s.database_url}[/]; the worker's summary:")
     print(json.dumps(stats.summary()), flush=True)  # last line, plain JSON: for supervisors and tests
 

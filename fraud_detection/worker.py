@@ -44,10 +44,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'Explain', 'STEPS', 'STORE_TIMEOUT_S', 'ParsedBatch', 'parse_batch', 'load_merchant_risk', 'MerchantRisk',
-           'StateCache', 'triage', 'scored_trans_nums', 'prediction_rows', 'prediction_messages', 'publish_predictions',
-           'RowError', 'isolate_features', 'isolate_scores', 'Models', 'WorkerStats', 'StreamWorker',
-           'retry_until_done', 'run_worker']
+__all__ = ['log', 'Explain', 'EXPLAIN_OPTIONS', 'STEPS', 'STORE_TIMEOUT_S', 'ParsedBatch', 'parse_batch', 'load_merchant_risk',
+           'MerchantRisk', 'StateCache', 'triage', 'scored_trans_nums', 'prediction_rows', 'prediction_messages',
+           'publish_predictions', 'RowError', 'isolate_features', 'isolate_scores', 'Models', 'WorkerStats',
+           'StreamWorker', 'retry_until_done', 'run_worker']
 
 # %% ../nbs/42_worker.ipynb #6fbba047
 _META_KAFKA = {"_partition": pl.Int32, "_offset": pl.Int64, "_kafka_ms": pl.Int64}
@@ -151,6 +151,7 @@ def scored_trans_nums(engine: Engine,  # results database (results_store.get_eng
 _CONTEXT = ["trans_num", "customer_id", "ts", "merchant", "category", "amt", "state", "lat", "long", "merch_lat",
             "merch_long"]
 Explain = bool | Literal["flagged"]
+EXPLAIN_OPTIONS: dict[str, Explain] = {"flagged": "flagged", "all": True, "none": False}  # command-line word → `Explain`
 
 def _json_list(col: str) -> pl.Expr:
     "A list-of-structs column as JSON array text."
