@@ -14,6 +14,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -381,16 +383,17 @@ class WorkerStats:
 
 # %% ../nbs/42_worker.ipynb #2b4362d3
 class _Timer:
-    "Adds the wall time of each `with timer('step'):` block to a stages dict."
+    "Adds the wall time of each `with timer('step'):` block to a stages dict (from any thread: no shared state)."
     def __init__(self, stages: dict[str, float]):
-        self.stages, self.step, self.t0 = stages, "", 0.0
-    def __call__(self, step: str) -> _Timer:
-        self.step = step
-        return self
-    def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
-    def __exit__(self, *exc) -> None:
-        self.stages[self.step] = self.stages.get(self.step, 0.0) + time.perf_counter() - self.t0
+        self.stages = stages
+
+    @contextmanager
+    def __call__(self, step: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[step] = self.stages.get(step, 0.0) + time.perf_counter() - t0
 
 # %% ../nbs/42_worker.ipynb #5d9281e8
 class StreamWorker:
@@ -409,6 +412,7 @@ class StreamWorker:
                  crash_after: tuple[str, int] | None = None,  # fault injection for tests: SIGKILL self after (step, batch no.)
                  retries: int = 1,  # whole-batch retries of features + scoring before isolating the failing rows
                  stats: WorkerStats | None = None,  # counters to continue (default: new ones)
+                 stop: threading.Event | None = None,  # set: a delivery in an outage gives up (the batch is redone)
                 ):
         self.consumer, self.producer, self.store, self.engine = consumer, producer, store, engine
         self.models, self.merchant_risk, self.explain, self.top_k = models, merchant_risk, explain, top_k
@@ -416,9 +420,11 @@ class StreamWorker:
         self.stats = stats or WorkerStats(worker_id or f"{socket.gethostname()}-{os.getpid()}")
         self.cache = StateCache(lambda ids: read_state(store, ids))
         self.assigned_at: float | None = None  # monotonic time of the last assignment (None: not joined yet)
+        self.stop = stop or threading.Event()
         self._errors: list[str] = []
-        self._carried: tuple[tuple | None, int] = (None, 0)  # (batch, rows written) of a batch whose attempt failed
         self._time = _Timer(self.stats.stages)
+        self._delivery = ThreadPoolExecutor(1, thread_name_prefix="delivery")  # one batch at a time, in order
+        self._pending: tuple[list[Message], _Batch, float, Future] | None = None  # the batch being delivered
 
     # partition changes: the cache is only valid while this worker owns the partitions it was filled from
     def on_assign(self, consumer, partitions) -> None:
@@ -429,10 +435,12 @@ class StreamWorker:
         log.info("%s: assigned partitions %s", self.stats.worker_id, self.stats.assigned)
 
     def on_revoke(self, consumer, partitions) -> None:
+        self._settle()
         self.cache.clear()
         log.info("%s: revoked partitions %s", self.stats.worker_id, sorted(p.partition for p in partitions))
 
     def on_lost(self, consumer, partitions) -> None:
+        self._settle()
         self.cache.clear()
         log.warning("%s: lost partitions %s", self.stats.worker_id, sorted(p.partition for p in partitions))
 
@@ -441,13 +449,52 @@ class StreamWorker:
             self._errors.append(f"{msg.topic()}: {err}")
 
     def process(self, msgs: list[Message]) -> None:
-        "Parse, dead-letter, feature, score, publish, persist, push state, commit one micro-batch."
+        "Compute one micro-batch while the previous one is delivered; commit that one, then deliver this one."
         t0 = time.perf_counter()
         if self.stats.first_batch is None:
             self.stats.first_batch = t0
         b = _score_batch(self, msgs)  # parse, read state, dedupe, features, scores: nothing sent or written yet
-        _deliver(self, msgs, b)  # publish, write, push state, commit
+        self.cache.update(b.new_state)  # the next batch starts from this state (its delivery pushes it)
+        if self.drain():  # the previous batch is committed: batches are delivered and committed in order
+            self._pending = (msgs, b, t0, self._delivery.submit(_deliver, self, msgs, b))
+
+    @property
+    def in_flight(self) -> int:
+        "Messages handed to the delivery thread and not committed yet."
+        return len(self._pending[0]) if self._pending else 0
+
+    def delivering(self) -> set[str]:
+        "trans_nums of the batch being delivered: scored already, though maybe not in the results table yet."
+        rows = self._pending[1].rows if self._pending else None
+        return set(rows["trans_num"].to_list()) if rows is not None else set()
+
+    def drain(self) -> bool:
+        "Wait for the batch being delivered, commit it and count it; False if stopped before it was delivered."
+        if self._pending is None:
+            return True
+        msgs, b, t0, delivered = self._pending
+        if not delivered.result():  # a delivery raises only on a fatal client error
+            self._pending = None  # stopped in an outage: not committed, so delivered again after a restart
+            return False
+        with self._time("commit"):
+            _commit(self, _offsets(msgs))  # raises if the broker is away: retried by the caller
+        _checkpoint(self, "commit")
+        self._pending = None
         _tally(self.stats, len(msgs), b, self.models.champion.version, t0)
+        return True
+
+    def reset(self) -> None:
+        "After a failed attempt: finish the delivery in flight, then forget the cache (state is read again)."
+        self._settle()
+        self.cache.clear()
+
+    def _settle(self) -> None:
+        "Deliver and commit the batch in flight if possible (before partitions move); else drop it: it is redone."
+        try:
+            self.drain()
+        except Exception as e:  # noqa: BLE001 - not committed: the partition's next owner redoes the batch
+            log.warning("%s: batch in flight not committed (%s): it will be redone", self.stats.worker_id, e)
+            self._pending = None
 
 # %% ../nbs/42_worker.ipynb #1f2f68a9
 def _features(state: pl.DataFrame, todo: pl.DataFrame, risk: pl.DataFrame | None,
@@ -474,8 +521,6 @@ def _stale_rejects(stale: pl.DataFrame) -> list[tuple[int, str]]:
 @dataclass
 class _Batch:
     "A micro-batch between its two halves: computed by `_score_batch`, delivered by `_deliver`."
-    id: tuple[int, int, int]  # (partition, offset, size): the same batch when it is retried
-    carried: int  # rows written by failed attempts at it
     valid: int  # valid transactions parsed
     stale: int  # of which stale
     feats: pl.DataFrame  # feature rows of the transactions not scored before
@@ -483,19 +528,17 @@ class _Batch:
     new_state: pl.DataFrame  # customer state to push
     rows: pl.DataFrame | None  # results rows (None: nothing scored)
     rejects: list[tuple[int, str]]  # (message index, reason) for the DLQ
-    written: int = 0  # results rows written by this attempt
+    written: int = 0  # results rows written by its delivery
 
 def _score_batch(w: StreamWorker, msgs: list[Message]) -> _Batch:
     "Parse, read state, dedupe, compute features and score one batch; the rows that raise become rejects."
     tm = w._time
-    batch_id = (msgs[0].partition(), msgs[0].offset(), len(msgs))  # this batch (retried as is if a step fails)
-    carried = w._carried[1] if w._carried[0] == batch_id else 0  # rows written by failed attempts at it
     with tm("parse"):
         parsed = parse_batch(msgs)
     with tm("state_read"):
         state = w.cache.get(parsed.frame["customer_id"].to_list())
     with tm("dedupe"):
-        scored = scored_trans_nums(w.engine, parsed.frame["trans_num"].to_list())
+        scored = scored_trans_nums(w.engine, parsed.frame["trans_num"].to_list()) | w.delivering()
         batch = triage(parsed.frame, state, scored)
         todo = batch.filter(~pl.col("_applied"))
         stale = batch.filter(pl.col("_applied") & ~pl.col("_scored"))
@@ -508,7 +551,7 @@ def _score_batch(w: StreamWorker, msgs: list[Message]) -> _Batch:
     with tm("score"):
         score = partial(_score, models=w.models, explain=w.explain, top_k=w.top_k)
         rows, refused = isolate_scores(score, feats, w.retries) if feats.height else (None, [])
-    return _Batch(batch_id, carried, parsed.frame.height, stale.height, feats, len(failed), new_state, rows,
+    return _Batch(parsed.frame.height, stale.height, feats, len(failed), new_state, rows,
                   rejects + failed + refused)
 
 # %% ../nbs/42_worker.ipynb #647ae080
@@ -558,44 +601,42 @@ def _publish(w: StreamWorker, msgs: list[Message], rejects: list[tuple[int, str]
         raise RuntimeError(f"{left} messages unacknowledged, {len(w._errors)} failed "
                            f"({w._errors[:1]}): not committing; the batch will be redelivered")
 
-def _deliver(w: StreamWorker, msgs: list[Message], b: _Batch) -> None:
-    "Publish, write the results rows, push the state, commit: a crash point after each step."
-    tm = w._time
-    with tm("publish"):
-        _publish(w, msgs, b.rejects, b.rows)
-    _checkpoint(w, "publish")
-    with tm("write"):
-        b.written = write_predictions(w.engine, b.rows) if b.rows is not None else 0
-        w._carried = (b.id, b.carried + b.written)  # if a later step fails, the retry finds these rows done
-    _checkpoint(w, "write")
-    with tm("push"):
-        if b.new_state.height:
-            push_state(w.store, b.new_state, to="offline")  # offline first: see "Why a crash loses nothing"
-            push_state(w.store, b.new_state, to="online")
-            w.cache.update(b.new_state)
-    _checkpoint(w, "push")
-    with tm("commit"):
-        _commit(w, _offsets(msgs))
-    _checkpoint(w, "commit")
-    w._carried = (None, 0)
+def _write(w: StreamWorker, b: _Batch) -> None:
+    b.written += write_predictions(w.engine, b.rows) if b.rows is not None else 0
+
+def _push(w: StreamWorker, b: _Batch) -> None:
+    if b.new_state.height:
+        push_state(w.store, b.new_state, to="offline")  # offline first: see "Why a crash loses nothing"
+        push_state(w.store, b.new_state, to="online")
+
+def _deliver(w: StreamWorker, msgs: list[Message], b: _Batch) -> bool:
+    "Publish, write the results rows, push the state (a crash point after each), each step retried until it succeeds."
+    for step, fn in (("publish", partial(_publish, w, msgs, b.rejects, b.rows)), ("write", partial(_write, w, b)),
+                     ("push", partial(_push, w, b))):
+        with w._time(step):
+            if not retry_until_done(fn, w.stats, w.stop, step):
+                return False  # stopped while a dependency was down: the batch is not committed
+        _checkpoint(w, step)
+    return True
 
 # %% ../nbs/42_worker.ipynb #d048d9ba
 def _tally(st: WorkerStats, n: int, b: _Batch, model_version: str | None, t0: float) -> None:
     "Count a committed batch of `n` messages into `st` (`t0`: perf_counter at its start)."
     st.batches += 1
     st.messages += n
-    st.scored += b.carried + b.written
+    st.scored += b.written
     st.dlq += len(b.rejects)
     for _, reason in b.rejects:
         code = reason.split(":", 1)[0]
         st.dlq_reasons[code] = st.dlq_reasons.get(code, 0) + 1
     st.stale += b.stale
     st.model_version = model_version
-    st.duplicates += b.valid - b.stale - b.feats.height - b.failed - b.carried  # the rest
+    st.duplicates += b.valid - b.stale - b.feats.height - b.failed  # the rest
     if b.rows is not None:
         st.freshness_ms.extend(b.rows["latency_ms"].drop_nulls().to_list())
-    st.last_batch = time.perf_counter()
-    st.seconds += st.last_batch - t0
+    end = time.perf_counter()
+    st.seconds += end - max(t0, st.last_batch or t0)  # batches overlap: count each second once
+    st.last_batch = end
 
 # %% ../nbs/42_worker.ipynb #95180b5b
 def _fatal(e: Exception) -> bool:
@@ -668,7 +709,8 @@ def _crash_after() -> tuple[str, int] | None:
 STORE_TIMEOUT_S = 10.0  # the worker's online-store deadline (the YAML's 50 ms is the API's per-request budget)
 
 # %% ../nbs/42_worker.ipynb #7e84f674
-def _make_worker(s: Settings, engine: Engine, explain: Explain, wid: str, st: WorkerStats) -> StreamWorker:
+def _make_worker(s: Settings, engine: Engine, explain: Explain, wid: str, st: WorkerStats,
+                 stop: threading.Event) -> StreamWorker:
     "A worker with its services: the Feast store (definitions registered if need be), the models, Kafka clients."
     from confluent_kafka import Consumer, Producer
     store = get_store(s, timeout=STORE_TIMEOUT_S)
@@ -679,7 +721,7 @@ def _make_worker(s: Settings, engine: Engine, explain: Explain, wid: str, st: Wo
     consumer = Consumer(consumer_config(s.bootstrap_servers, s.consumer_group, **quiet))
     producer = Producer(producer_config(s.bootstrap_servers, **quiet))
     return StreamWorker(consumer, producer, store, engine, models, MerchantRisk(s.data / MERCHANT_RISK_OFFLINE),
-                        explain=explain, worker_id=wid, crash_after=_crash_after(), stats=st)
+                        explain=explain, worker_id=wid, crash_after=_crash_after(), stats=st, stop=stop)
 
 def _trap_signals(stop: threading.Event) -> dict:
     "Make SIGTERM/SIGINT set `stop` (in the main thread only); returns the handlers to restore."
@@ -709,6 +751,8 @@ def _close(worker: StreamWorker, engine: Engine, handlers: dict, exporter, repor
         signal.signal(sig, h)
     if exporter is not None:
         exporter.shutdown()
+    worker._settle()  # the batch in flight: delivered and committed, unless stopped in an outage
+    worker._delivery.shutdown()
     worker.consumer.close()  # leave the group: partitions move to the other members now
     worker.producer.flush(10)
     worker.consumer = worker.producer = None  # free the clients now (callbacks make a reference cycle)
@@ -741,7 +785,7 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
     engine = get_engine(s.database_url)
     if not retry_until_done(lambda: create_tables(engine), st, stop, "opening the results database"):
         return st
-    worker = _make_worker(s, engine, explain, wid, st)
+    worker = _make_worker(s, engine, explain, wid, st, stop)
     exporter = _serve_metrics(s, worker, worker.models)
     handlers = _trap_signals(stop)
     worker.consumer.subscribe([TOPIC_TRANSACTIONS], on_assign=worker.on_assign, on_revoke=worker.on_revoke,
@@ -751,15 +795,17 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
     reported = (0, 0)
     try:
         while not stop.is_set():
-            want = batch_size if max_messages is None else min(batch_size, max_messages - st.messages)
+            want = batch_size if max_messages is None else min(batch_size, max_messages - st.messages - worker.in_flight)
             if want <= 0:
                 break
             msgs = _poll(worker.consumer, want, max_wait, wid)
             now = time.monotonic()
             if msgs:  # a dependency down: pause and retry the same batch (nothing committed, nothing lost)
-                if not retry_until_done(partial(worker.process, msgs), st, stop, "batch", on_error=worker.cache.clear):
+                if not retry_until_done(partial(worker.process, msgs), st, stop, "batch", on_error=worker.reset):
                     break
                 last_msg = now = time.monotonic()
+            elif not retry_until_done(worker.drain, st, stop, "commit"):  # a pause: commit the batch in flight
+                break
             elif (idle_exit is not None and worker.assigned_at is not None
                   and now - max(last_msg, worker.assigned_at) >= idle_exit):
                 log.info("%s: idle for %.1f s, stopping", wid, idle_exit)

@@ -129,6 +129,7 @@ def test_process_any_batch_composition(data, truth):
             rng.shuffle(items)  # any order: a customer's new transactions too
             before = h.counters()
             h.worker.process(h.messages(items))
+            assert h.worker.drain()  # delivered and committed: the counters are final
             after = h.counters()
             got = dict(zip(["scored", "duplicates", "dlq", "messages"], (a - b for a, b in zip(after, before, strict=True)), strict=True))
             assert got == want | {"messages": len(items)}, (plan, got, want)
@@ -190,6 +191,7 @@ def test_schema_valid_values_never_stop_the_stream(data, truth):
             items = [(t["customer_id"].encode(), json.dumps(t).encode(), HEADERS) for t in txs]
             before = h.counters()
             h.worker.process(h.messages(items))
+            assert h.worker.drain()  # delivered and committed: the counters are final
             scored, duplicates, dlq, messages = (a - b for a, b in zip(h.counters(), before, strict=True))
             assert messages == len(items) == scored + duplicates + dlq
             assert h.committed() == h.offset
