@@ -34,19 +34,24 @@ SMALL_BATCHES = ("--batch-size", "64", "--max-wait", "0.05")  # many batches, so
 
 def _finish(data, bootstrap, log, n: int) -> dict:
     "Run a worker until every transaction has a results row, stop it cleanly (SIGTERM), return its summary."
+    start = log.stat().st_size if log.exists() else 0
     w = start_worker(data, bootstrap, log, *SMALL_BATCHES)
-    try:
+    try:  # joined (its SIGTERM handler set) and everything scored
+        wait_for(lambda: b"assigned partitions" in log.read_bytes()[start:], 90, "the worker joining")
         wait_for(lambda: result_count(db_url(data)) >= n, 120, f"{n} results rows")
     finally:
         out = stop_worker(w, log)
     return out
 
 
-def _kill_randomly(data, bootstrap, log, kills: int, seed: int) -> list[int]:
-    "Start a worker, let it score a random while, SIGKILL it mid-stream; `kills` times. Rows seen at each kill."
+def _kill_randomly(data, bootstrap, log, kills: int, seed: int, total: int) -> list[int]:
+    """Start a worker, let it score a random while, SIGKILL it mid-stream; `kills` times, or until all `total` are
+    scored. Rows seen at each kill."""
     rng, seen = random.Random(seed), []
     for _ in range(kills):
         before = result_count(db_url(data))
+        if before >= total:  # nothing left to interrupt
+            break
         w = start_worker(data, bootstrap, log, *SMALL_BATCHES)
         try:
             wait_for(lambda b=before, w=w: w.poll() is not None or result_count(db_url(data)) > b, 90,
@@ -65,7 +70,7 @@ def test_kill9_at_random_points(data, truth, tmp_path):
     log = tmp_path / "worker.log"
     with fresh_broker() as bootstrap:
         replay(truth.test, bootstrap, progress=False)
-        seen = _kill_randomly(data, bootstrap, log, kills=3, seed=42)
+        seen = _kill_randomly(data, bootstrap, log, kills=3, seed=42, total=n)
         assert seen[-1] < n, "the kills came too late to test anything"
         last = _finish(data, bootstrap, log, n)
         published = topic_messages(bootstrap, TOPIC_PREDICTIONS, 2 * n)
@@ -105,7 +110,8 @@ def test_kill9_many_times(data, truth, tmp_path):
     with fresh_broker() as bootstrap:
         replay(truth.test, bootstrap, progress=False)
         _crash_at(data, bootstrap, log, STEPS)
-        _kill_randomly(data, bootstrap, log, kills=10, seed=7)
+        seen = _kill_randomly(data, bootstrap, log, kills=10, seed=7, total=n)
+        assert len(seen) >= 5 and seen[0] < n, seen  # most kills landed while there was work left
         _finish(data, bootstrap, log, n)
     assert_matches_batch(data, db_url(data), truth)
     assert summary(log)["dlq"] == 0
