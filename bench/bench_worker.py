@@ -19,6 +19,12 @@ its main thread while its delivery thread publishes, writes and pushes batch N),
 
     .venv/bin/python bench/bench_worker.py [--scale demo] [--runs 3] [--rate 1000] [--explain flagged]
                                            [--db sqlite,postgres] [--postgres-url postgresql+psycopg://...] [--no-freshness]
+                                           [--distinct-customers]
+
+`--distinct-customers` measures production cardinality (every message a different card: the state cache never
+hits, every message reads and pushes a customer's state). The online store is the settings' (`FRAUD_ONLINE_STORE`,
+SQLite by default); with Redis, use a fresh database (`FRAUD_REDIS_URL`), one run and one results store
+(`--runs 1 --db sqlite`): state persists there across runs.
 
 It also prints the CPU time per message from the worker's first batch to its end (all threads of the process):
 unlike the wall-clock figures, it does not depend on what else the machine runs.
@@ -209,6 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
         "FRAUD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
         help="server where each run creates (and drops) its own database")
     ap.add_argument("--no-freshness", action="store_true", help="throughput only")
+    ap.add_argument("--distinct-customers", action="store_true",
+                    help="give every throughput message its own customer (production cardinality: every state read "
+                         "misses the cache and every message pushes a state row)")
     a = ap.parse_args(argv)
     dbs = [d.strip() for d in a.db.split(",") if d.strip()]
     if unknown := set(dbs) - set(GOALS):
@@ -224,6 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"data: {a.scale}, {test.height:,} held-out transactions (x{a.copies} for throughput), built in "
               f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
         volume = repeated(test, a.copies)
+        if a.distinct_customers:
+            volume = volume.with_columns(customer_id=pl.format("{}-{}", "customer_id", pl.int_range(pl.len())))
         msgs = frame_to_messages(test, validate=False)
         t = time.perf_counter()
         for _, v in msgs:
