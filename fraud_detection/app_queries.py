@@ -125,11 +125,14 @@ def recent_features(engine: Engine, limit: int = 2000) -> pl.DataFrame:
 # %% ../nbs/60c_app_queries.ipynb #add88a57
 def worker_summary(stats: pl.DataFrame, # from results_store.read_worker_stats
                   ) -> dict[str, float | int | None]:
-    "Totals (processed, dlq), current throughput and lag summed over each worker's latest report."
+    "Totals (processed, dlq, duplicates, retries, outage seconds), current throughput and lag over workers' latest reports."
     if stats.height == 0:
-        return {"workers": 0, "processed": 0, "dlq": 0, "throughput": None, "lag": None, "last_report": None}
+        return {"workers": 0, "processed": 0, "dlq": 0, "duplicates": 0, "retries": 0, "outage_seconds": 0.0,
+                "throughput": None, "lag": None, "last_report": None}
     latest = stats.sort("ts").group_by("worker_id").last()
     return {"workers": latest.height, "processed": int(stats["processed"].sum()), "dlq": int(stats["dlq"].sum()),
+            "duplicates": int(stats["duplicates"].sum()), "retries": int(stats["retries"].sum()),  # nulls: older rows
+            "outage_seconds": float(stats["outage_seconds"].sum()),
             "throughput": latest["throughput"].sum() if latest["throughput"].null_count() < latest.height else None,
             "lag": int(latest["lag"].sum()) if latest["lag"].null_count() < latest.height else None,
             "last_report": stats["ts"].max()}

@@ -102,14 +102,29 @@ worker_stats = sa.Table(
     sa.Column("dlq", sa.BigInteger, nullable=False),  # since this worker's previous report
     sa.Column("lag", sa.BigInteger),  # consumer lag (messages) at ts
     sa.Column("throughput", sa.Float),  # messages/s over the interval
+    sa.Column("duplicates", sa.BigInteger),  # messages already processed (redeliveries), since the previous report
+    sa.Column("retries", sa.BigInteger),  # failed attempts (a dependency down), since the previous report
+    sa.Column("outage_seconds", sa.Float),  # time in outages that ended since the previous report
 )
 
+def _add_new_columns(engine: Engine) -> None:
+    "Add the (nullable) columns a table gained after the database was created: results databases upgrade in place."
+    quote, have = engine.dialect.identifier_preparer.quote, sa.inspect(engine)
+    with engine.begin() as conn:
+        for table in metadata.sorted_tables:
+            known = {c["name"] for c in have.get_columns(table.name)}
+            for col in (c for c in table.columns if c.name not in known):
+                assert col.nullable, f"{table.name}.{col.name}: a new column must be nullable (old rows have none)"
+                conn.exec_driver_sql(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(col.name)} "
+                                     f"{col.type.compile(engine.dialect)}")
+
 def create_tables(engine: Engine, attempts: int = 10) -> None:
-    "Create the results tables if missing (idempotent, also when several processes race to create them)."
+    "Create the results tables if missing, or add their new columns (idempotent, also when processes race to)."
     import time
     for attempt in range(attempts):
         try:
             metadata.create_all(engine, checkfirst=True)
+            _add_new_columns(engine)
             return
         except sa.exc.DatabaseError:  # another process created a table between our check and our CREATE
             if attempt == attempts - 1: raise
@@ -486,11 +501,15 @@ def write_worker_stats(engine: Engine, worker_id: str,
                        lag: int | None = None, # consumer lag at report time
                        throughput: float | None = None, # messages/s over the interval
                        ts: datetime | None = None, # report time (default: now, UTC)
+                       duplicates: int | None = None, # messages already processed, since the previous report
+                       retries: int | None = None, # failed attempts (a dependency down), since the previous report
+                       outage_seconds: float | None = None, # time in outages ended since the previous report
                       ) -> None:
     "Append one stream-worker report."
     with engine.begin() as conn:
         conn.execute(worker_stats.insert().values(ts=_naive_utc(ts) or _now(), worker_id=worker_id, processed=processed,
-                                                  dlq=dlq, lag=lag, throughput=throughput))
+                                                  dlq=dlq, lag=lag, throughput=throughput, duplicates=duplicates,
+                                                  retries=retries, outage_seconds=outage_seconds))
 
 def read_worker_stats(engine: Engine, since: datetime | None = None, limit: int = 5000) -> pl.DataFrame:
     "Stream-worker reports (wall time `ts` >= since), oldest first."

@@ -469,6 +469,13 @@ def system_page() -> None:
     m[3].metric("Dead-lettered (24 h)", f"{ws['dlq']:,}", border=True, help="messages sent to transactions.dlq")
     m[4].metric("Freshness p99", _num(fresh["p99"], "{:,.0f} ms"), border=True, delta=f"p50 {_num(fresh['p50'], '{:,.0f} ms')}",
                 delta_color="off", delta_arrow="off", help="ingest-to-score latency of the latest scored transactions")
+    r = st.columns(3)
+    r[0].metric("Duplicates (24 h)", f"{ws['duplicates']:,}", border=True,
+                help="messages already processed (redelivered after a crash, a rebalance or an outage): not scored again")
+    r[1].metric("Retries (24 h)", f"{ws['retries']:,}", border=True,
+                help="failed attempts while a dependency (database, online store, broker) was down")
+    r[2].metric("Outage time (24 h)", f"{ws['outage_seconds']:,.0f} s", border=True,
+                help="time workers spent pausing for a dependency to come back (outages that ended)")
     if stats.height:
         c = st.columns(2)
         c[0].caption("Throughput (msg/s)")

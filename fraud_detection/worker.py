@@ -744,7 +744,7 @@ def _poll(consumer: Consumer, n: int, max_wait: float, wid: str) -> list[Message
             log.warning("%s: consumer: %s", wid, m.error())
     return msgs
 
-def _close(worker: StreamWorker, engine: Engine, handlers: dict, exporter, reported: tuple[int, int],
+def _close(worker: StreamWorker, engine: Engine, handlers: dict, exporter, reported: dict[str, float],
            last_report: float, wid: str) -> None:
     "Restore the signal handlers, stop the exporter, leave the group, flush, write the last worker_stats row."
     for sig, h in handlers.items():
@@ -756,7 +756,7 @@ def _close(worker: StreamWorker, engine: Engine, handlers: dict, exporter, repor
     worker.consumer.close()  # leave the group: partitions move to the other members now
     worker.producer.flush(10)
     worker.consumer = worker.producer = None  # free the clients now (callbacks make a reference cycle)
-    if worker.stats.messages > reported[0]:
+    if worker.stats.messages > reported.get("processed", 0):
         try:
             _report(worker, engine, reported, time.monotonic() - last_report, lag=False)
         except Exception as e:  # noqa: BLE001 - do not hide why the loop ended
@@ -792,7 +792,7 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
                               on_lost=worker.on_lost)
     log.info("%s: consuming %s as group %s from %s", wid, TOPIC_TRANSACTIONS, s.consumer_group, s.bootstrap_servers)
     last_msg = last_report = time.monotonic()
-    reported = (0, 0)
+    reported: dict[str, float] = {}  # counter totals already in worker_stats rows
     try:
         while not stop.is_set():
             want = batch_size if max_messages is None else min(batch_size, max_messages - st.messages - worker.in_flight)
@@ -848,13 +848,19 @@ def _refresh_models(models: Models, st: WorkerStats) -> None:
                       models.error)
     st.model_version, st.model_error = models.champion.version, models.error
 
-def _report(worker: StreamWorker, engine: Engine, reported: tuple[int, int], seconds: float,
-            lag: bool = True) -> tuple[int, int]:
-    "Write a worker_stats row and a log line; returns the (messages, dlq) totals now reported."
-    st = worker.stats
-    n, dlq = st.messages - reported[0], st.dlq - reported[1]
-    behind = _lag(worker.consumer) if lag else None
-    write_worker_stats(engine, st.worker_id, processed=n, dlq=dlq, lag=behind, throughput=n / max(seconds, 1e-9))
-    log.info("%s: %d msgs in %.1f s (%.0f/s), %d to DLQ, lag %s, freshness p99 %s ms", st.worker_id, n, seconds,
-             n / max(seconds, 1e-9), dlq, behind, None if st.freshness() is None else round(st.freshness()))
-    return st.messages, st.dlq
+def _totals(st: WorkerStats) -> dict[str, float]:
+    "The counters a worker_stats row reports the increase of, as they stand."
+    return {"processed": st.messages, "dlq": st.dlq, "duplicates": st.duplicates, "retries": st.retries,
+            "outage_seconds": st.outage_seconds}
+
+def _report(worker: StreamWorker, engine: Engine, reported: dict[str, float], seconds: float,
+            lag: bool = True) -> dict[str, float]:
+    "Write a worker_stats row (each counter's increase since `reported`) and a log line; returns the totals now reported."
+    st, totals = worker.stats, _totals(worker.stats)
+    new = {k: v - reported.get(k, 0) for k, v in totals.items()}
+    n, behind = new["processed"], _lag(worker.consumer) if lag else None
+    write_worker_stats(engine, st.worker_id, **new, lag=behind, throughput=n / max(seconds, 1e-9))
+    log.info("%s: %d msgs in %.1f s (%.0f/s), %d to DLQ, %d duplicates, %d retries, lag %s, freshness p99 %s ms",
+             st.worker_id, n, seconds, n / max(seconds, 1e-9), new["dlq"], new["duplicates"], new["retries"], behind,
+             None if st.freshness() is None else round(st.freshness()))
+    return totals

@@ -51,7 +51,8 @@ def make_scored_home(root: Path, n: int = 200, seed: int = 7) -> dict:
     for i in range(6):
         for w in ("worker-0", "worker-1"):
             results_store.write_worker_stats(eng, w, processed=400 + 10 * i, dlq=i % 2, lag=120 - 20 * i, throughput=40.0 + i,
-                                       ts=now - timedelta(minutes=6 - i))
+                                       ts=now - timedelta(minutes=6 - i), duplicates=i, retries=2 * (i == 3),
+                                       outage_seconds=12.5 * (i == 3))
     # training reference: the same kind of rows, amounts less than half (so amount drifts, the rest does not)
     ref = fake_predictions(1500, seed=seed + 1, end=now - timedelta(days=60), days=60)
     feats = pl.DataFrame([json.loads(json.dumps(f)) for f in ref["features"].to_list()], infer_schema_length=None)

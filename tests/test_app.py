@@ -178,6 +178,7 @@ def test_system_with_data(scored):
     m = {x.label: x.value for x in at.metric}
     assert m["Processed (24 h)"] == f"{sum(400 + 10 * i for i in range(6)) * 2:,}" and m["Dead-lettered (24 h)"] == "6"
     assert m["Throughput"] == "90 msg/s" and m["Consumer lag"] == "40 msgs"
+    assert (m["Duplicates (24 h)"], m["Retries (24 h)"], m["Outage time (24 h)"]) == ("30", "4", "25 s")
     assert "The API is not reachable" in texts(at, "warning")
     assert "Every analyst label has been published" in texts(at, "caption")
 
