@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import polars as pl
 import sqlalchemy as sa
+from fastcore.basics import patch
 
 from .broker import (
     ALL_TOPICS, TOPIC_ALERTS, TOPIC_PREDICTIONS, TOPIC_TRANSACTIONS, consumer_config, ensure_topics, producer_config,
@@ -444,10 +445,6 @@ class StreamWorker:
         self.cache.clear()
         log.warning("%s: lost partitions %s", self.stats.worker_id, sorted(p.partition for p in partitions))
 
-    def _delivered(self, err, msg) -> None:
-        if err is not None:
-            self._errors.append(f"{msg.topic()}: {err}")
-
     def process(self, msgs: list[Message]) -> None:
         "Compute one micro-batch while the previous one is delivered; commit that one, then deliver this one."
         t0 = time.perf_counter()
@@ -458,43 +455,54 @@ class StreamWorker:
         if self.drain():  # the previous batch is committed: batches are delivered and committed in order
             self._pending = (msgs, b, t0, self._delivery.submit(_deliver, self, msgs, b))
 
-    @property
-    def in_flight(self) -> int:
-        "Messages handed to the delivery thread and not committed yet."
-        return len(self._pending[0]) if self._pending else 0
+# %% ../nbs/42_worker.ipynb #1b7e4de5
+@patch
+def _delivered(self: StreamWorker, err, msg) -> None:
+    "Delivery report of a produced message: failures are kept for `_publish` to raise."
+    if err is not None:
+        self._errors.append(f"{msg.topic()}: {err}")
 
-    def delivering(self) -> set[str]:
-        "trans_nums of the batch being delivered: scored already, though maybe not in the results table yet."
-        rows = self._pending[1].rows if self._pending else None
-        return set(rows["trans_num"].to_list()) if rows is not None else set()
+@patch(as_prop=True)
+def in_flight(self: StreamWorker) -> int:
+    "Messages handed to the delivery thread and not committed yet."
+    return len(self._pending[0]) if self._pending else 0
 
-    def drain(self) -> bool:
-        "Wait for the batch being delivered, commit it and count it; False if stopped before it was delivered."
-        if self._pending is None:
-            return True
-        msgs, b, t0, delivered = self._pending
-        if not delivered.result():  # a delivery raises only on a fatal client error
-            self._pending = None  # stopped in an outage: not committed, so delivered again after a restart
-            return False
-        with self._time("commit"):
-            _commit(self, _offsets(msgs))  # raises if the broker is away: retried by the caller
-        _checkpoint(self, "commit")
-        self._pending = None
-        _tally(self.stats, len(msgs), b, self.models.champion.version, t0)
+@patch
+def delivering(self: StreamWorker) -> set[str]:
+    "trans_nums of the batch being delivered: scored already, though maybe not in the results table yet."
+    rows = self._pending[1].rows if self._pending else None
+    return set(rows["trans_num"].to_list()) if rows is not None else set()
+
+@patch
+def drain(self: StreamWorker) -> bool:
+    "Wait for the batch being delivered, commit it and count it; False if stopped before it was delivered."
+    if self._pending is None:
         return True
+    msgs, b, t0, delivered = self._pending
+    if not delivered.result():  # a delivery raises only on a fatal client error
+        self._pending = None  # stopped in an outage: not committed, so delivered again after a restart
+        return False
+    with self._time("commit"):
+        _commit(self, _offsets(msgs))  # raises if the broker is away: retried by the caller
+    _checkpoint(self, "commit")
+    self._pending = None
+    _tally(self.stats, len(msgs), b, self.models.champion.version, t0)
+    return True
 
-    def reset(self) -> None:
-        "After a failed attempt: finish the delivery in flight, then forget the cache (state is read again)."
-        self._settle()
-        self.cache.clear()
+@patch
+def reset(self: StreamWorker) -> None:
+    "After a failed attempt: finish the delivery in flight, then forget the cache (state is read again)."
+    self._settle()
+    self.cache.clear()
 
-    def _settle(self) -> None:
-        "Deliver and commit the batch in flight if possible (before partitions move); else drop it: it is redone."
-        try:
-            self.drain()
-        except Exception as e:  # noqa: BLE001 - not committed: the partition's next owner redoes the batch
-            log.warning("%s: batch in flight not committed (%s): it will be redone", self.stats.worker_id, e)
-            self._pending = None
+@patch
+def _settle(self: StreamWorker) -> None:
+    "Deliver and commit the batch in flight if possible (before partitions move); else drop it: it is redone."
+    try:
+        self.drain()
+    except Exception as e:  # noqa: BLE001 - not committed: the partition's next owner redoes the batch
+        log.warning("%s: batch in flight not committed (%s): it will be redone", self.stats.worker_id, e)
+        self._pending = None
 
 # %% ../nbs/42_worker.ipynb #1f2f68a9
 def _features(state: pl.DataFrame, todo: pl.DataFrame, risk: pl.DataFrame | None,
@@ -757,10 +765,7 @@ def _close(worker: StreamWorker, engine: Engine, handlers: dict, exporter, repor
     worker.producer.flush(10)
     worker.consumer = worker.producer = None  # free the clients now (callbacks make a reference cycle)
     if worker.stats.messages > reported.get("processed", 0):
-        try:
-            _report(worker, engine, reported, time.monotonic() - last_report, lag=False)
-        except Exception as e:  # noqa: BLE001 - do not hide why the loop ended
-            log.warning("%s: last worker_stats row not written: %s", wid, e)
+        _report(worker, engine, reported, time.monotonic() - last_report, lag=False)
 
 # %% ../nbs/42_worker.ipynb #45d39e6b
 def run_worker(settings: Settings | None = None,  # default: get_settings()
@@ -811,12 +816,11 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
                 log.info("%s: idle for %.1f s, stopping", wid, idle_exit)
                 break
             if now - last_report >= stats_every:
-                try:
-                    reported = _report(worker, engine, reported, now - last_report)
-                except Exception as e:  # noqa: BLE001 - statistics wait for the database; the stream does not
-                    log.warning("%s: worker_stats row not written: %s", wid, e)
-                last_report = now
+                reported, last_report = _report(worker, engine, reported, now - last_report), now
                 _refresh_models(worker.models, st)
+    except BaseException:  # a fatal client error: a delivery waiting for a dependency gives up (not committed)
+        stop.set()
+        raise
     finally:
         _close(worker, engine, handlers, exporter, reported, last_report, wid)
     log.info("%s: stopped: %s", wid, json.dumps(st.summary()))
@@ -855,11 +859,15 @@ def _totals(st: WorkerStats) -> dict[str, float]:
 
 def _report(worker: StreamWorker, engine: Engine, reported: dict[str, float], seconds: float,
             lag: bool = True) -> dict[str, float]:
-    "Write a worker_stats row (each counter's increase since `reported`) and a log line; returns the totals now reported."
+    "Write a worker_stats row (each counter's increase since `reported`) and a log line; the totals now reported."
     st, totals = worker.stats, _totals(worker.stats)
     new = {k: v - reported.get(k, 0) for k, v in totals.items()}
     n, behind = new["processed"], _lag(worker.consumer) if lag else None
-    write_worker_stats(engine, st.worker_id, **new, lag=behind, throughput=n / max(seconds, 1e-9))
+    try:
+        write_worker_stats(engine, st.worker_id, **new, lag=behind, throughput=n / max(seconds, 1e-9))
+    except Exception as e:  # noqa: BLE001 - statistics wait for the database (the next row counts these); the stream does not
+        log.warning("%s: worker_stats row not written: %s", st.worker_id, e)
+        return reported
     log.info("%s: %d msgs in %.1f s (%.0f/s), %d to DLQ, %d duplicates, %d retries, lag %s, freshness p99 %s ms",
              st.worker_id, n, seconds, n / max(seconds, 1e-9), new["dlq"], new["duplicates"], new["retries"], behind,
              None if st.freshness() is None else round(st.freshness()))
