@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from datetime import date, datetime, timedelta
 
 import polars as pl
@@ -147,6 +148,31 @@ def test_process_any_batch_composition(data, truth):
     done = test.head(cursor)
     assert_matches_batch(data, f"sqlite:///{data / 'fraud.db'}", truth,
                          expect=done.filter(~pl.col("trans_num").is_in(refused)), applied=done)
+
+
+def test_duplicate_of_a_batch_in_flight(data, truth):
+    """A copy of a transaction whose batch is still being delivered (not in the results table yet) is a duplicate:
+    not scored twice, not dead-lettered as stale. The delivery thread is held for a second, so the second batch
+    is computed while the first is in flight."""
+    good = frame_to_messages(truth.test)
+    with fresh_broker() as bootstrap:
+        h = Harness(data, bootstrap)
+        try:
+            gate = threading.Event()
+            h.worker._delivery.submit(gate.wait, 30)  # the delivery thread is busy until the gate opens
+            first = [(*good[i], HEADERS) for i in range(20)]
+            h.worker.process(h.messages(first))
+            assert h.worker.in_flight == 20 and len(h.worker.delivering()) == 20
+            threading.Timer(1.0, gate.set).start()
+            h.worker.process(h.messages([first[3], first[7], (*good[20], HEADERS)]))
+            assert h.worker.drain()
+            st = h.worker.stats
+            assert (st.messages, st.scored, st.duplicates, st.dlq) == (23, 21, 2, 0), st.summary()
+            assert h.committed() == h.offset
+        finally:
+            h.close()
+    rows = result_rows(f"sqlite:///{data / 'fraud.db'}")
+    assert rows.height == 21 and rows["trans_num"].n_unique() == 21
 
 
 # --- schema-valid values anywhere in their ranges ------------------------------------------------------------------
