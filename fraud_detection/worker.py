@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -491,18 +491,22 @@ def drain(self: StreamWorker) -> bool:
 
 @patch
 def reset(self: StreamWorker) -> None:
-    "After a failed attempt: finish the delivery in flight, then forget the cache (state is read again)."
-    self._settle()
+    "After a failed attempt: let the delivery in flight finish (it stays, for the retry to commit), forget the cache."
+    if self._pending is not None:
+        wait([self._pending[3]])  # its state pushed (or given up): what the cache is read back from includes it
     self.cache.clear()
 
 @patch
 def _settle(self: StreamWorker) -> None:
-    "Deliver and commit the batch in flight if possible (before partitions move); else drop it: it is redone."
+    "Before partitions move or the worker stops: commit the batch in flight; if that fails, leave it to be redone."
     try:
         self.drain()
-    except Exception as e:  # noqa: BLE001 - not committed: the partition's next owner redoes the batch
-        log.warning("%s: batch in flight not committed (%s): it will be redone", self.stats.worker_id, e)
+    except Exception as e:  # noqa: BLE001 - not committed: the partition's next owner (or a restart) redoes it
+        msgs, b, t0, delivered = self._pending
         self._pending = None
+        if delivered.done() and delivered.exception() is None and delivered.result():  # its rows are written: they
+            _tally(self.stats, len(msgs), b, self.models.champion.version, t0)  # count as scored here, duplicates there
+        log.warning("%s: batch in flight not committed (%s): it will be redone", self.stats.worker_id, e)
 
 # %% ../nbs/42_worker.ipynb #1f2f68a9
 def _features(state: pl.DataFrame, todo: pl.DataFrame, risk: pl.DataFrame | None,
