@@ -123,19 +123,19 @@ def produce_cmd(
 
 @stream_app.command("work")
 def work_cmd(
-    batch_size: Annotated[int, typer.Option(help="most messages per micro-batch")] = 5000,
+    batch_size: Annotated[int | None, typer.Option(help="most messages per micro-batch (default: worker.BATCH_SIZE)")] = None,
     max_wait: Annotated[float, typer.Option(help="seconds a poll waits for a full batch")] = 0.2,
     max_messages: Annotated[int | None, typer.Option(help="stop after N messages")] = None,
     idle_exit: Annotated[float | None, typer.Option(help="stop after N idle seconds")] = None,
     explain: Annotated[str, typer.Option(help="rows that get SHAP reasons: flagged | all | none")] = "flagged",
 ):
     "Run a stream worker (consumer-group member): features, scoring, alerts, results, online store."
-    from fraud_detection.worker import EXPLAIN_OPTIONS, run_worker
+    from fraud_detection.worker import BATCH_SIZE, EXPLAIN_OPTIONS, run_worker
     if explain not in EXPLAIN_OPTIONS:
         raise typer.BadParameter(f"--explain must be one of {list(EXPLAIN_OPTIONS)}, got {explain!r}")
     s = _init()
     _need_broker(s)
-    stats = run_worker(s, batch_size=batch_size, max_wait=max_wait, max_messages=max_messages, idle_exit=idle_exit,
+    stats = run_worker(s, batch_size=batch_size or BATCH_SIZE, max_wait=max_wait, max_messages=max_messages, idle_exit=idle_exit,
                        explain=EXPLAIN_OPTIONS[explain])
     _console().print(f"results in [bold]{s.database_url}[/]; the worker's summary:")
     print(json.dumps(stats.summary()), flush=True)  # last line, plain JSON: for supervisors and tests

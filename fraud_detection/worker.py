@@ -5,6 +5,7 @@
 # %% ../nbs/42_worker.ipynb #ec5ef26a
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -47,10 +48,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'Explain', 'EXPLAIN_OPTIONS', 'STEPS', 'STORE_TIMEOUT_S', 'ParsedBatch', 'parse_batch', 'load_merchant_risk',
-           'MerchantRisk', 'StateCache', 'triage', 'scored_trans_nums', 'prediction_rows', 'prediction_messages',
-           'publish_predictions', 'RowError', 'isolate_features', 'isolate_scores', 'Models', 'WorkerStats',
-           'StreamWorker', 'retry_until_done', 'run_worker']
+__all__ = ['log', 'Explain', 'EXPLAIN_OPTIONS', 'STEPS', 'STORE_TIMEOUT_S', 'BATCH_SIZE', 'ParsedBatch', 'parse_batch',
+           'load_merchant_risk', 'MerchantRisk', 'StateCache', 'triage', 'scored_trans_nums', 'prediction_rows',
+           'prediction_messages', 'publish_predictions', 'RowError', 'isolate_features', 'isolate_scores', 'Models',
+           'WorkerStats', 'StreamWorker', 'retry_until_done', 'run_worker']
 
 # %% ../nbs/42_worker.ipynb #6fbba047
 _META_KAFKA = {"_partition": pl.Int32, "_offset": pl.Int64, "_kafka_ms": pl.Int64}
@@ -720,6 +721,21 @@ def _crash_after() -> tuple[str, int] | None:
 
 STORE_TIMEOUT_S = 10.0  # the worker's online-store deadline (the YAML's 50 ms is the API's per-request budget)
 
+BATCH_SIZE = 10_000  # most messages per micro-batch: state pushes, commits and polars calls are paid per batch
+
+@contextmanager
+def _steady_gc(young: int = 50_000):  # allocations between collections of the youngest generation (default 700)
+    "While batches run: the objects alive now (Feast, SQLAlchemy, the models) frozen out of the collector's sight."
+    before = gc.get_threshold()
+    gc.collect()  # the start-up's garbage is freed, not frozen
+    gc.freeze()
+    gc.set_threshold(young, *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
+
 # %% ../nbs/42_worker.ipynb #7e84f674
 def _make_worker(s: Settings, engine: Engine, explain: Explain, wid: str, st: WorkerStats,
                  stop: threading.Event) -> StreamWorker:
@@ -776,7 +792,7 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
                *,
                max_messages: int | None = None,  # stop after this many messages (None: run until stopped)
                idle_exit: float | None = None,  # stop after this many seconds without a message (None: never)
-               batch_size: int = 5000,  # most messages per micro-batch
+               batch_size: int = BATCH_SIZE,  # most messages per micro-batch
                max_wait: float = 0.2,  # seconds a poll waits for a full batch before processing what came
                stop_event: threading.Event | None = None,  # set it to stop after the current batch
                explain: Explain = "flagged",  # which rows get SHAP reasons (see `prediction_rows`)
@@ -803,25 +819,26 @@ def run_worker(settings: Settings | None = None,  # default: get_settings()
     last_msg = last_report = time.monotonic()
     reported: dict[str, float] = {}  # counter totals already in worker_stats rows
     try:
-        while not stop.is_set():
-            want = batch_size if max_messages is None else min(batch_size, max_messages - st.messages - worker.in_flight)
-            if want <= 0:
-                break
-            msgs = _poll(worker.consumer, want, max_wait, wid)
-            now = time.monotonic()
-            if msgs:  # a dependency down: pause and retry the same batch (nothing committed, nothing lost)
-                if not retry_until_done(partial(worker.process, msgs), st, stop, "batch", on_error=worker.reset):
+        with _steady_gc():  # collections of the start-up's objects, paused while batches run
+            while not stop.is_set():
+                want = batch_size if max_messages is None else min(batch_size, max_messages - st.messages - worker.in_flight)
+                if want <= 0:
                     break
-                last_msg = now = time.monotonic()
-            elif not retry_until_done(worker.drain, st, stop, "commit"):  # a pause: commit the batch in flight
-                break
-            elif (idle_exit is not None and worker.assigned_at is not None
-                  and now - max(last_msg, worker.assigned_at) >= idle_exit):
-                log.info("%s: idle for %.1f s, stopping", wid, idle_exit)
-                break
-            if now - last_report >= stats_every:
-                reported, last_report = _report(worker, engine, reported, now - last_report), now
-                _refresh_models(worker.models, st)
+                msgs = _poll(worker.consumer, want, max_wait, wid)
+                now = time.monotonic()
+                if msgs:  # a dependency down: pause and retry the same batch (nothing committed, nothing lost)
+                    if not retry_until_done(partial(worker.process, msgs), st, stop, "batch", on_error=worker.reset):
+                        break
+                    last_msg = now = time.monotonic()
+                elif not retry_until_done(worker.drain, st, stop, "commit"):  # a pause: commit the batch in flight
+                    break
+                elif (idle_exit is not None and worker.assigned_at is not None
+                      and now - max(last_msg, worker.assigned_at) >= idle_exit):
+                    log.info("%s: idle for %.1f s, stopping", wid, idle_exit)
+                    break
+                if now - last_report >= stats_every:
+                    reported, last_report = _report(worker, engine, reported, now - last_report), now
+                    _refresh_models(worker.models, st)
     except BaseException:  # a fatal client error: a delivery waiting for a dependency gives up (not committed)
         stop.set()
         raise
