@@ -240,41 +240,28 @@ def _fast_checks(raw):  # polars frame of fast-decoded rows, ts and dob as strin
     ok = pl.col("_ok") & (t.dt.year() >= 1) & (d.dt.year() >= 1) & (d <= date.today()) & age.is_between(0, 120)
     return df.with_columns(_ok=ok.fill_null(False)).cast(clean_schema())
 
-def _decode_lines(values: list[bytes], lines: list[int]) -> tuple[list, list[int], list[int]]:
-    "(structs, their indices, indices refused) of the messages at `lines`: one msgspec call for all, else one each."
-    dec = _fast_decoder()
-    try:  # the usual batch, all valid: no Python step per message. One line per message, so each maps to its own
-        rows = dec.decode_lines(b"\n".join(values[i] for i in lines))
-        if len(rows) == len(lines):  # (a blank line would be skipped: then decode one by one)
-            return rows, lines, []
-    except msgspec.DecodeError:  # some message is refused (ValidationError is a DecodeError): find which
-        pass
-    rows, idx, refused = [], [], []
-    for i in lines:
-        try:
-            rows.append(dec.decode(values[i]))
-            idx.append(i)
-        except msgspec.DecodeError:
-            refused.append(i)
-    return rows, idx, refused
-
 def decode_batch(
     values: list[bytes | None],  # message values
     headers: list,  # each message's headers (as for `decode_transaction`)
 ) -> tuple[Any, list[tuple[int, str]]]:
     "Valid messages as a clean polars frame (+ `_i`, their index), and (index, reason) of the others, as per message."
     import polars as pl
-    want, version = message_headers(), SCHEMA_VERSION.encode()
-    lines, slow = [], []  # one line each: a non-empty value without a newline, with the schema header
+    dec, want, version = _fast_decoder(), message_headers(), SCHEMA_VERSION.encode()
+    fast, idx, slow = [], [], []
     for i, (v, h) in enumerate(zip(values, headers, strict=True)):
-        ok = isinstance(v, bytes) and v and b"\n" not in v and (h == want or _header(h, SCHEMA_HEADER) == version)
-        (lines if ok else slow).append(i)
-    rows, idx, refused = _decode_lines(values, lines)
+        if h == want or _header(h, SCHEMA_HEADER) == version:
+            try:
+                fast.append(msgspec.structs.astuple(dec.decode(v)))
+                idx.append(i)
+                continue
+            except (msgspec.DecodeError, TypeError):  # ValidationError is a DecodeError; None is a TypeError
+                pass
+        slow.append(i)
     schema = {c: pl.String if c in _FROM_STRING else t for c, t in clean_schema().items()}
-    raw = pl.DataFrame({c: [getattr(r, c) for r in rows] for c in schema}, schema=schema)
+    raw = pl.DataFrame(dict(zip(schema, map(list, zip(*fast, strict=True)), strict=True)) if fast else None, schema=schema)
     df = _fast_checks(raw).with_columns(_i=pl.Series(idx, dtype=pl.Int64))
     txs, tx_i, rejects = [], [], []
-    for i in sorted(slow + refused + df.filter(~pl.col("_ok"))["_i"].to_list()):
+    for i in sorted(slow + df.filter(~pl.col("_ok"))["_i"].to_list()):
         try:
             txs.append(decode_transaction(values[i], headers[i]))
             tx_i.append(i)
