@@ -19,7 +19,7 @@ its main thread while its delivery thread publishes, writes and pushes batch N),
 
     .venv/bin/python bench/bench_worker.py [--scale demo] [--runs 3] [--rate 1000] [--explain flagged]
                                            [--db sqlite,postgres] [--postgres-url postgresql+psycopg://...] [--no-freshness]
-                                           [--distinct-customers]
+                                           [--distinct-customers] [--batch-size 10000]
 
 `--distinct-customers` measures production cardinality (every message a different card: the state cache never
 hits, every message reads and pushes a customer's state). The online store is the settings' (`FRAUD_ONLINE_STORE`,
@@ -56,7 +56,7 @@ from fraud_detection.broker import (  # noqa: E402
 from fraud_detection.producer import replay  # noqa: E402
 from fraud_detection.schema import decode_transaction, frame_to_messages, message_headers  # noqa: E402
 from fraud_detection.testing import build_data_dir, db_url, fresh_pg_database, result_rows, settings_for  # noqa: E402
-from fraud_detection.worker import EXPLAIN_OPTIONS, StreamWorker, run_worker  # noqa: E402
+from fraud_detection.worker import BATCH_SIZE, EXPLAIN_OPTIONS, StreamWorker, run_worker  # noqa: E402
 
 
 @contextmanager
@@ -99,7 +99,7 @@ def worker_run(base: Path, work: Path, bootstrap: str, group: str, explain, url:
 
 
 def throughput_run(base: Path, work: Path, bootstrap: str, test, run: int, explain, dbs: list[str],
-                   postgres_url: str) -> dict:
+                   postgres_url: str, batch_size: int) -> dict:
     "Raw consume rate, then each results store's worker throughput over the same messages (on a fresh broker)."
     t = time.perf_counter()
     replay(test, bootstrap, progress=False)
@@ -107,7 +107,8 @@ def throughput_run(base: Path, work: Path, bootstrap: str, test, run: int, expla
     out = {"raw": measure_consume_rate(bootstrap, TOPIC_TRANSACTIONS, test.height)}
     for kind in dbs:
         with results_db(kind, work / kind, postgres_url) as url, cpu_of_batches() as cpu:
-            st = worker_run(base, work / kind, bootstrap, f"tput-{run}-{kind}", explain, url, max_messages=test.height)
+            st = worker_run(base, work / kind, bootstrap, f"tput-{run}-{kind}", explain, url, max_messages=test.height,
+                            batch_size=batch_size)
         assert st.scored == test.height, st.summary()
         out[kind] = {"worker": st.throughput, "stages": dict(st.stages), "busy": st.seconds, "batches": st.batches,
                      "messages": st.messages, "cpu": sum(cpu)}
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         "FRAUD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
         help="server where each run creates (and drops) its own database")
     ap.add_argument("--no-freshness", action="store_true", help="throughput only")
+    ap.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="most messages per micro-batch (throughput)")
     ap.add_argument("--distinct-customers", action="store_true",
                     help="give every throughput message its own customer (production cardinality: every state read "
                          "misses the cache and every message pushes a state row)")
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         for run in range(a.runs):
             with broker() as bootstrap:
                 tput.append(throughput_run(base, tmp / f"tput-{run}", bootstrap, volume, run, explain, dbs,
-                                           a.postgres_url))
+                                           a.postgres_url, a.batch_size))
             r = tput[-1]
             print(f"run {run + 1}: raw consume {r['raw']:,.0f}/s; " + "; ".join(
                 f"{kind} worker {r[kind]['worker']:,.0f}/s ({r[kind]['worker'] / r['raw']:.3f}x, "
@@ -261,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
         raw = statistics.median(r["raw"] for r in tput)
         print(f"raw consume rate (one consumer doing nothing, same broker and messages): {raw:,.0f} msg/s; "
               f"decode_transaction alone {decode:,.0f} msg/s  [median of {a.runs} runs, explain={a.explain}, "
+              f"batches of up to {a.batch_size:,}, "
               f"{volume.height:,} messages, 2-core machine shared with other jobs]")
         res = {"raw_consume_per_s": raw, "decode_per_s": decode}
         for kind in dbs:
