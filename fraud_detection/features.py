@@ -163,6 +163,7 @@ def haversine_km(lat1: RowFormula,  # latitude of the first point, degrees
 _C = "customer_id"
 _ORDER = [_C, "ts", "trans_num"]  # history order per customer; ties of ts by trans_num
 _HOUR_ANGLE = 2 * math.pi / 24  # radians per hour of the day
+_AT_HOME_KM = 1e-3  # a prior mean distance under a metre is "at home": no ratio (a tinier divisor overflows float32)
 
 
 def _tx_only() -> list[RowFormula]:
@@ -221,7 +222,7 @@ def _formula(e: str,  # entity of a `PARTITIONS` family
                 "first": (~col(f"_seen_{PARTITIONS[e][0] if PARTITIONS[e] else ''}")).to_int(),
                 "hour_usual": when(n > 0, (col("_sum_hour_cos") * (col("hour") * _HOUR_ANGLE).cos()
                                            + col("_sum_hour_sin") * (col("hour") * _HOUR_ANGLE).sin()) / n),
-                "dist_usual": when(col("_sum_dist") > 0, col("dist_home_km") * n / col("_sum_dist"))}[a]
+                "dist_usual": when(col("_sum_dist") > _AT_HOME_KM * n, col("dist_home_km") * n / col("_sum_dist"))}[a]
     if a == "since_last":
         secs = (col("ts") - col(f"_pts{p}")).total_microseconds() / 1e6
         return when(secs < WINDOWS[w].total_seconds(), secs)
