@@ -293,7 +293,8 @@ def test_replay_ctrl_c(broker, topic, tmp_path):
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "started"
-    time.sleep(2.0)
+    on_topic = read_topic(broker.bootstrap, topic, 21, timeout=30)  # mid-replay (not a fixed sleep: start-up varies)
+    assert len(on_topic) == 21, f"the replay delivered {len(on_topic)} messages in 30 s"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in err, err
