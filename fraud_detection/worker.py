@@ -723,18 +723,26 @@ STORE_TIMEOUT_S = 10.0  # the worker's online-store deadline (the YAML's 50 ms i
 
 BATCH_SIZE = 10_000  # most messages per micro-batch: state pushes, commits and polars calls are paid per batch
 
+_GC_LOCK, _GC_STATE = threading.Lock(), {"workers": 0, "before": None}  # the collector is one per process
+
 @contextmanager
 def _steady_gc(young: int = 50_000):  # allocations between collections of the youngest generation (default 700)
     "While batches run: the objects alive now (Feast, SQLAlchemy, the models) frozen out of the collector's sight."
-    before = gc.get_threshold()
-    gc.collect()  # the start-up's garbage is freed, not frozen
-    gc.freeze()
-    gc.set_threshold(young, *before[1:])
+    with _GC_LOCK:  # workers in threads of one process share it: the first in sets it, the last out restores it
+        if not _GC_STATE["workers"]:
+            _GC_STATE["before"] = gc.get_threshold()
+            gc.collect()  # the start-up's garbage is freed, not frozen
+            gc.freeze()
+            gc.set_threshold(young, *_GC_STATE["before"][1:])
+        _GC_STATE["workers"] += 1
     try:
         yield
     finally:
-        gc.set_threshold(*before)
-        gc.unfreeze()
+        with _GC_LOCK:
+            _GC_STATE["workers"] -= 1
+            if not _GC_STATE["workers"]:
+                gc.set_threshold(*_GC_STATE["before"])
+                gc.unfreeze()
 
 # %% ../nbs/42_worker.ipynb #7e84f674
 def _make_worker(s: Settings, engine: Engine, explain: Explain, wid: str, st: WorkerStats,
