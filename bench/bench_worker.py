@@ -110,7 +110,8 @@ def throughput_run(base: Path, work: Path, bootstrap: str, test, run: int, expla
             st = worker_run(base, work / kind, bootstrap, f"tput-{run}-{kind}", explain, url, max_messages=test.height,
                             batch_size=batch_size)
         assert st.scored == test.height, st.summary()
-        out[kind] = {"worker": st.throughput, "stages": dict(st.stages), "busy": st.seconds, "batches": st.batches,
+        out[kind] = {"worker": st.throughput, "stages": dict(st.stages), "stages_cpu": dict(st.stages_cpu),
+                     "busy": st.seconds, "batches": st.batches,
                      "messages": st.messages, "cpu": sum(cpu)}
     return out
 
@@ -172,9 +173,10 @@ def report(kind: str, tput: list[dict], fresh: list[dict], a) -> dict:
     busy = sum(r[kind]["busy"] for r in tput)
     n = sum(r[kind]["messages"] for r in tput)
     steps = {k: sum(r[kind]["stages"].get(k, 0.0) for r in tput) for k in tput[0][kind]["stages"]}
+    steps_cpu = {k: sum(r[kind]["stages_cpu"].get(k, 0.0) for r in tput) / n * 1e6 for k in steps}
     p99 = statistics.median(f["p99"] for f in fresh) if fresh else None
     res = {"worker_per_s": worker, "ratio": ratio, "stages_share": {k: v / busy for k, v in steps.items()},
-           "stages_us_per_msg": {k: v / n * 1e6 for k, v in steps.items()},
+           "stages_us_per_msg": {k: v / n * 1e6 for k, v in steps.items()}, "stages_cpu_us_per_msg": steps_cpu,
            "freshness_p50_ms": statistics.median(f["p50"] for f in fresh) if fresh else None, "freshness_p99_ms": p99,
            "cpu_us_per_msg": sum(r[kind]["cpu"] for r in tput) / n * 1e6}
     goal = GOALS[kind]
@@ -189,6 +191,10 @@ def report(kind: str, tput: list[dict], fresh: list[dict], a) -> dict:
               f"{g} {sum(res['stages_us_per_msg'][k] for k in ks):.1f} = "
               + " + ".join(f"{k} {res['stages_us_per_msg'][k]:.1f}" for k in sorted(ks, key=lambda k: -steps[k]))
               for g, ks in groups.items() if ks))
+    print(f"{kind}: CPU time of the thread running each step (µs per message; the rest of the process's CPU is "
+          f"polars' and librdkafka's own threads, polls, the collector): " + ", ".join(
+              f"{k} {steps_cpu[k]:.1f}" for k in sorted(steps_cpu, key=lambda k: -steps_cpu[k]))
+          + f"; sum {sum(steps_cpu.values()):.1f}")
     print(f"{kind}: CPU from the first batch to the end (all threads) {res['cpu_us_per_msg']:.1f} µs/msg = "
           f"{1e6 / res['cpu_us_per_msg']:,.0f} msg per CPU-second (the worker's cost, whatever else the machine runs)")
     if fresh:

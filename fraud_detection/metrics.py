@@ -88,9 +88,12 @@ class WorkerCollector(Collector):
         for reason, n in sorted(st.dlq_reasons.items()): dlq.add_metric([reason], n)
         yield dlq
         yield _counter(w + "batch_seconds", "wall time spent processing batches", st.seconds)
-        steps = CounterMetricFamily(w + "step_seconds", "wall time per processing step", labels=["step"])
-        for step, secs in sorted(st.stages.items()): steps.add_metric([step], secs)
-        yield steps
+        for name, what, secs in (("step_seconds", "wall time per processing step", st.stages),
+                                 ("step_cpu_seconds", "CPU time per processing step (of the thread running it)",
+                                  st.stages_cpu)):
+            steps = CounterMetricFamily(w + name, what, labels=["step"])
+            for step, s in sorted(secs.items()): steps.add_metric([step], s)
+            yield steps
         f = st.freshness_ms
         h = HistogramMetricFamily(w + "freshness_seconds", "ingest-to-score latency of scored transactions")
         h.add_metric([], f.cumulative(), sum_value=f.sum_s)

@@ -138,18 +138,16 @@ def triage(batch: pl.DataFrame,  # parsed transactions (`parse_batch(...).frame`
 # %% ../nbs/42_worker.ipynb #eb04ae0c
 def scored_trans_nums(engine: Engine,  # results database (results_store.get_engine)
                       trans_nums: list[str],  # candidates
-                      chunk: int = 5000,  # trans_nums per query
                      ) -> set[str]:
-    "The `trans_nums` that already have a row in the `predictions` table."
-    found: set[str] = set()
+    "The `trans_nums` that already have a row in the `predictions` table (one query, one parameter)."
     col = predictions.c.trans_num
+    if engine.dialect.name == "postgresql":  # one array parameter: ≈ 3× less time than 5,000 bound values
+        wanted = col == sa.any_(sa.bindparam("tns", trans_nums, type_=sa.ARRAY(sa.String)))
+    else:  # SQLite: the ids as one JSON array unpacked in C, not 10,000 bound values compiled by SQLAlchemy
+        ids = sa.func.json_each(sa.bindparam("tns", json.dumps(trans_nums))).table_valued("value")  # 5.5 → 2.1 µs/id
+        wanted = col.in_(sa.select(ids.c.value))
     with engine.connect() as conn:
-        if engine.dialect.name == "postgresql":  # one array parameter: ≈ 3× less time than 5,000 bound values
-            tns = sa.bindparam("tns", trans_nums, type_=sa.ARRAY(sa.String))
-            return set(conn.execute(sa.select(col).where(col == sa.any_(tns))).scalars())
-        for lo in range(0, len(trans_nums), chunk):
-            found.update(conn.execute(sa.select(col).where(col.in_(trans_nums[lo:lo + chunk]))).scalars())
-    return found
+        return set(conn.execute(sa.select(col).where(wanted)).scalars())
 
 # %% ../nbs/42_worker.ipynb #a674d3be
 _CONTEXT = ["trans_num", "customer_id", "ts", "merchant", "category", "amt", "state", "lat", "long", "merch_lat",
@@ -358,7 +356,8 @@ class WorkerStats:
     last_batch: float | None = None  # perf_counter at the end of the last batch
     partitions: set[int] = field(default_factory=set)  # every partition assigned at some point
     assigned: list[int] = field(default_factory=list)  # the partitions of the last assignment
-    stages: dict[str, float] = field(default_factory=dict)  # seconds per step
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per step (wall time)
+    stages_cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per step (of the thread running it)
     freshness_ms: deque = field(default_factory=lambda: deque(maxlen=200_000))  # latest freshness samples
 
     @property
@@ -381,21 +380,23 @@ class WorkerStats:
                 "seconds": round(self.seconds, 3),
                 "throughput": round(self.throughput, 1), "partitions": sorted(self.partitions), "assigned": self.assigned,
                 "freshness_p50_ms": self.freshness(50), "freshness_p99_ms": self.freshness(99),
-                "stages": {k: round(v, 3) for k, v in self.stages.items()}}
+                "stages": {k: round(v, 3) for k, v in self.stages.items()},
+                "stages_cpu": {k: round(v, 3) for k, v in self.stages_cpu.items()}}
 
 # %% ../nbs/42_worker.ipynb #2b4362d3
 class _Timer:
-    "Adds the wall time of each `with timer('step'):` block to a stages dict (from any thread: no shared state)."
-    def __init__(self, stages: dict[str, float]):
-        self.stages = stages
+    "Adds the wall and thread CPU time of each `with timer('step'):` block to two dicts (steps run in one thread each)."
+    def __init__(self, stages: dict[str, float], cpu: dict[str, float]):  # step → wall seconds, step → CPU seconds
+        self.stages, self.cpu = stages, cpu
 
     @contextmanager
     def __call__(self, step: str):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
             self.stages[step] = self.stages.get(step, 0.0) + time.perf_counter() - t0
+            self.cpu[step] = self.cpu.get(step, 0.0) + time.thread_time() - c0
 
 # %% ../nbs/42_worker.ipynb #5d9281e8
 class StreamWorker:
@@ -424,7 +425,7 @@ class StreamWorker:
         self.assigned_at: float | None = None  # monotonic time of the last assignment (None: not joined yet)
         self.stop = stop or threading.Event()
         self._errors: list[str] = []
-        self._time = _Timer(self.stats.stages)
+        self._time = _Timer(self.stats.stages, self.stats.stages_cpu)
         self._delivery = ThreadPoolExecutor(1, thread_name_prefix="delivery")  # one batch at a time, in order
         self._pending: tuple[list[Message], _Batch, float, Future] | None = None  # the batch being delivered
 

@@ -34,7 +34,8 @@ def test_worker_exporter_reads_live_stats():
         # what StreamWorker.process does after a batch
         st.messages += 500; st.scored += 480; st.dlq += 15; st.stale += 5; st.duplicates += 5; st.batches += 1
         st.dlq_reasons.update(bad_json=10, stale=5)
-        st.stages.update(parse=0.01, features=0.2, score=0.3); st.seconds += 0.6; st.last_batch = time.perf_counter()
+        st.stages.update(parse=0.01, features=0.2, score=0.3); st.stages_cpu.update(score=0.25)
+        st.seconds += 0.6; st.last_batch = time.perf_counter()
         st.freshness_ms.extend([40.0] * 470 + [700.0] * 10)
         got = scrape(url)
     finally:
@@ -46,6 +47,7 @@ def test_worker_exporter_reads_live_stats():
     assert got[("fraud_worker_freshness_seconds_bucket", (("le", "0.05"),))] == 470
     assert got[("fraud_worker_freshness_seconds_sum", ())] == pytest.approx(470 * 0.04 + 10 * 0.7)
     assert got[("fraud_worker_step_seconds_total", (("step", "score"),))] == pytest.approx(0.3)
+    assert got[("fraud_worker_step_cpu_seconds_total", (("step", "score"),))] == pytest.approx(0.25)
     assert got[("fraud_worker_consumer_lag", (("partition", "2"),))] == 11
     assert got[("fraud_worker_model_info", (("role", "champion"), ("version", "v0007")))] == 1
     assert abs(got[("fraud_worker_last_batch_timestamp_seconds", ())] - time.time()) < 60
