@@ -30,7 +30,7 @@ up: install
 ## Every test: notebook asserts (nbdev_test, including the kafka flag) + pytest (real broker, Redis, PostgreSQL, HTTP, browser).
 test: install system-deps check-sync lint
 	$(BIN)/nbdev_test --n_workers 2 --flags kafka --timing
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" -n 2 --dist loadfile  # two test files at a time: most tests wait on services
 
 test-slow: install system-deps
 	$(BIN)/pytest -m slow

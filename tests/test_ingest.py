@@ -268,7 +268,7 @@ def test_report_renders(tmp_path):
     rows[0]["amt"] = "-1"
     rep = ingest_files([write_csv(tmp_path / "fraudTrain.csv", rows), tmp_path / "missing.csv"], tmp_path / "o",
                        key=KEY, progress=False)
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=400)  # the whole temp path on one line, however deep
     console.print(rep)
     out = console.export_text()
     assert "fraudTrain.csv" in out and "amt: not in [0.01, 100000]" in out and "FAILED" in out and "no such file" in out

@@ -1,9 +1,9 @@
 """The Spark path against a REAL standalone cluster: a master and two workers (spark-class ...Master/...Worker from
 the pyspark wheel, loopback only, executors on this venv's Python) started by the fixture and stopped after.
 
-Fast suite: Spark features == polars features row for row on the demo data; a model trained by
-xgboost.spark.SparkXGBClassifier (2 workers) registered, loaded, scored and explained by the real API server.
-Slow: customer state on Spark == polars; a larger period in many buckets, Spark == polars.
+Fast suite: Spark features, the merchant-risk table and relabelling == polars on the demo data. Slow: a model trained
+by xgboost.spark.SparkXGBClassifier (2 workers) registered, loaded, scored and explained by the real API server;
+customer state on Spark == polars; a larger period in many buckets, Spark == polars.
 """
 from __future__ import annotations
 
@@ -108,6 +108,7 @@ def test_spark_relabel_equals_polars(spark, demo):
     assert dict(got.filter(pl.col("trans_num").is_in([fraud, legit])).iter_rows()) == {fraud: 0, legit: 1}
 
 
+@pytest.mark.slow  # 55-80 s of training on the cluster
 def test_spark_trained_model_in_api(spark, spark_set, tmp_path):
     "SparkXGBClassifier (2 workers) → registry → champion → the API scores and explains with it."
     from fraud_detection.registry import load

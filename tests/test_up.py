@@ -134,6 +134,7 @@ def _running(pids: set[int]) -> list[str]:
     return out
 
 
+@pytest.mark.slow  # 45-75 s; `make test` keeps the clean start, score and stop above
 def test_kill_9_of_fraud_up_leaves_no_service(data_root: Path):
     "An OOM kill / hard kill of the supervisor: every service dies with it and its ports are free again."
     ports = _ports()

@@ -64,6 +64,7 @@ def _kill_randomly(data, bootstrap, log, kills: int, seed: int, total: int) -> l
     return seen
 
 
+@pytest.mark.slow  # 85 s; `make test` keeps the crash after each step, test_kill9_many_times kills ten times
 def test_kill9_at_random_points(data, truth, tmp_path):
     "Three kill -9s at random moments while scoring, then a clean run: nothing lost, nothing twice."
     n = truth.test.height
