@@ -19,12 +19,15 @@ its main thread while its delivery thread publishes, writes and pushes batch N),
 
     .venv/bin/python bench/bench_worker.py [--scale demo] [--runs 3] [--rate 1000] [--explain flagged]
                                            [--db sqlite,postgres] [--postgres-url postgresql+psycopg://...] [--no-freshness]
-                                           [--distinct-customers] [--batch-size 10000]
+                                           [--distinct-customers] [--batch-size 10000] [--without write,push]
 
 `--distinct-customers` measures production cardinality (every message a different card: the state cache never
 hits, every message reads and pushes a customer's state). The online store is the settings' (`FRAUD_ONLINE_STORE`,
 SQLite by default); with Redis, use a fresh database (`FRAUD_REDIS_URL`), one run and one results store
 (`--runs 1 --db sqlite`): state persists there across runs.
+
+`--without publish,write,push` replaces those delivery steps by no-ops: how far taking them out of the worker's
+process could go (a ceiling, not a result).
 
 It also prints the CPU time per message from the worker's first batch to its end (all threads of the process):
 unlike the wall-clock figures, it does not depend on what else the machine runs.
@@ -209,6 +212,23 @@ def report(kind: str, tput: list[dict], fresh: list[dict], a) -> dict:
     return res
 
 
+def without(steps: str) -> None:
+    "Replace the named delivery steps of the worker by no-ops in this process (the write still counts its rows)."
+    import fraud_detection.worker as w
+    names = {s.strip() for s in steps.split(",") if s.strip()}
+    if unknown := names - set(DELIVER):
+        raise SystemExit(f"--without: unknown step(s) {sorted(unknown)}: use {', '.join(DELIVER)}")
+
+    def counted(worker, b):
+        b.written += b.rows.height if b.rows is not None else 0
+    noops = {"publish": lambda worker, msgs, rejects, rows: None, "write": counted, "push": lambda worker, b: None}
+    for name in names:
+        setattr(w, f"_{name}", noops[name])
+    if names:
+        print(f"WITHOUT {', '.join(sorted(names))}: those steps do nothing in this run (a ceiling, not a result)",
+              file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", default="demo", help="simulator scale of the data (demo: ~9.9k held-out tx)")
@@ -223,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="server where each run creates (and drops) its own database")
     ap.add_argument("--no-freshness", action="store_true", help="throughput only")
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="most messages per micro-batch (throughput)")
+    ap.add_argument("--without", default="", help="delivery steps to replace by no-ops, comma-separated: publish, "
+                    "write, push (what moving them out of the worker's process could buy at most; not a result)")
     ap.add_argument("--distinct-customers", action="store_true",
                     help="give every throughput message its own customer (production cardinality: every state read "
                          "misses the cache and every message pushes a state row)")
@@ -231,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown := set(dbs) - set(GOALS):
         ap.error(f"unknown results store(s) {sorted(unknown)}: use sqlite, postgres")
     explain = EXPLAIN_OPTIONS[a.explain]
+    without(a.without)
     import polars as pl
     tmp = Path(tempfile.mkdtemp(prefix="bench_worker_"))
     try:
