@@ -179,17 +179,46 @@ def _state_wire(state: pl.DataFrame) -> pl.DataFrame:
     return to_wire(state, STATE_SCHEMA).with_columns(
         state["last_ts"].dt.replace_time_zone("UTC").alias(TIMESTAMP))
 
+_PROTO_SCALAR = {pl.Int64: "int64_val", pl.Float64: "double_val", pl.String: "string_val"}
+_PROTO_LIST = {pl.Int64: "int64_list_val", pl.Float64: "double_list_val", pl.String: "string_list_val"}
+
+def _proto_values(col: pl.Series) -> list:
+    "Feast's `ValueProto` of each value of a wire column, as its push makes them (null or NaN: an empty value)."
+    from feast.protos.feast.types.Value_pb2 import DoubleList, Int64List, StringList
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+    null, dtype = ValueProto(), col.dtype
+    if isinstance(dtype, pl.List):
+        field = _PROTO_LIST[dtype.inner]
+        kind = {pl.Int64: Int64List, pl.Float64: DoubleList, pl.String: StringList}[dtype.inner]
+        return [null if v is None else ValueProto(**{field: kind(val=v)}) for v in col.to_list()]
+    field = _PROTO_SCALAR[dtype]
+    return [null if v is None else ValueProto(**{field: v}) for v in (col.fill_nan(None) if dtype.is_float() else col).to_list()]
+
+def _online_state_rows(wire: pl.DataFrame, # `_state_wire` output
+                       features: list[str], # the view's feature names, in its order
+                      ) -> list[tuple]:
+    "(entity key, {feature: value}, event time, None) per row: what Feast's push hands `online_write_batch`."
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+    keys = [EntityKeyProto(join_keys=["customer_id"], entity_values=[ValueProto(string_val=c)])
+            for c in wire["customer_id"].to_list()]
+    values = zip(*(_proto_values(wire[f]) for f in features))
+    stamps = wire[TIMESTAMP].dt.replace_time_zone(None).to_list()  # naive UTC, as Feast's conversion gives them
+    return [(k, dict(zip(features, v)), ts, None) for k, v, ts in zip(keys, values, stamps, strict=True)]
+
 def push_state(store: FeatureStore, # from get_store
                state: pl.DataFrame, # rows of STATE_SCHEMA, at most one per customer
                to: PushTarget = "online_and_offline", # which stores to write
               ) -> None:
     "Write customer state rows to the online store, the offline store (one parquet part in its day's folder) or both."
-    from feast.data_source import PushMode
     if to not in ("online", "offline", "online_and_offline"): raise ValueError(f"unknown push target {to!r}")
     if state.is_empty(): return
     if state["customer_id"].is_duplicated().any(): raise ValueError("state has more than one row per customer")
     wire = _state_wire(state)
-    if to != "offline": store.push(PUSH_SOURCE, wire.to_pandas(), to=PushMode.ONLINE)
+    if to != "offline":
+        view = store.get_feature_view(CUSTOMER_VIEW)
+        rows = _online_state_rows(wire, [f.name for f in view.features])
+        store._get_provider().online_write_batch(store.config, view, rows, progress=None)
     if to != "online":
         now = datetime.now(timezone.utc)  # parts are filed by the UTC day they are written (see 12_partitioned)
         d = data_dir(store) / STATE_OFFLINE / now.strftime("%Y-%m-%d")
