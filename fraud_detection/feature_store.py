@@ -202,9 +202,9 @@ def _online_state_rows(wire: pl.DataFrame, # `_state_wire` output
     from feast.protos.feast.types.Value_pb2 import Value as ValueProto
     keys = [EntityKeyProto(join_keys=["customer_id"], entity_values=[ValueProto(string_val=c)])
             for c in wire["customer_id"].to_list()]
-    values = zip(*(_proto_values(wire[f]) for f in features))
+    values = zip(*(_proto_values(wire[f]) for f in features), strict=True)
     stamps = wire[TIMESTAMP].dt.replace_time_zone(None).to_list()  # naive UTC, as Feast's conversion gives them
-    return [(k, dict(zip(features, v)), ts, None) for k, v, ts in zip(keys, values, stamps, strict=True)]
+    return [(k, dict(zip(features, v, strict=True)), ts, None) for k, v, ts in zip(keys, values, stamps, strict=True)]
 
 def push_state(store: FeatureStore, # from get_store
                state: pl.DataFrame, # rows of STATE_SCHEMA, at most one per customer
