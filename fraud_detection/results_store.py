@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache, partial
@@ -242,21 +242,27 @@ def _insert_postgres(conn: sa.Connection, df: pl.DataFrame, cols: str) -> int:
     return conn.exec_driver_sql(f"INSERT INTO {predictions.name} ({cols}) SELECT {cols} FROM _batch "
                                 "ON CONFLICT (trans_num) DO NOTHING").rowcount
 
+def _insert(engine: Engine, conn: sa.Connection, df: pl.DataFrame) -> int:
+    "The backend's bulk insert of a prediction frame, in `conn`'s transaction."
+    cols = ", ".join(engine.dialect.identifier_preparer.quote(c) for c in df.columns)
+    if engine.dialect.name == "sqlite":
+        return _insert_sqlite(conn, df, cols)
+    if engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg":
+        return _insert_postgres(conn, df, cols)
+    stmt = _insert_ignore(engine, predictions).returning(predictions.c.trans_num)  # another driver: row by row
+    return len(conn.execute(stmt, df.to_dicts()).all())
+
 def write_predictions(engine: Engine, # from get_engine
                       rows: pl.DataFrame | Iterable[dict], # predictions columns; extra columns are an error
+                      before_commit: Callable[[], None] | None = None, # runs after the insert; if it raises, nothing is written
                      ) -> int:
     "Insert scored transactions in one transaction, skipping known `trans_num`s; returns the number inserted."
     df = _prediction_frame(rows)
-    if not df.height:
-        return 0
-    cols = ", ".join(engine.dialect.identifier_preparer.quote(c) for c in df.columns)
     with engine.begin() as conn:
-        if engine.dialect.name == "sqlite":
-            return _insert_sqlite(conn, df, cols)
-        if engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg":
-            return _insert_postgres(conn, df, cols)
-        stmt = _insert_ignore(engine, predictions).returning(predictions.c.trans_num)  # another driver: row by row
-        return len(conn.execute(stmt, df.to_dicts()).all())
+        n = _insert(engine, conn, df) if df.height else 0
+        if before_commit is not None:
+            before_commit()
+    return n
 
 # %% ../nbs/45_results_store.ipynb #106702dd
 def _latest_labels() -> sa.Subquery:

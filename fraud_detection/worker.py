@@ -385,18 +385,26 @@ class WorkerStats:
 
 # %% ../nbs/42_worker.ipynb #2b4362d3
 class _Timer:
-    "Adds the wall and thread CPU time of each `with timer('step'):` block to two dicts (steps run in one thread each)."
+    "Adds the wall and thread CPU time of each `with timer('step'):` block to two dicts; a block inside another counts once."
     def __init__(self, stages: dict[str, float], cpu: dict[str, float]):  # step → wall seconds, step → CPU seconds
-        self.stages, self.cpu = stages, cpu
+        self.stages, self.cpu, self._open = stages, cpu, threading.local()  # the block open in each thread
+
+    def _add(self, step: str, wall: float, cpu: float) -> None:
+        self.stages[step] = self.stages.get(step, 0.0) + wall
+        self.cpu[step] = self.cpu.get(step, 0.0) + cpu
 
     @contextmanager
     def __call__(self, step: str):
+        outer, self._open.step = getattr(self._open, "step", None), step
         t0, c0 = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
-            self.stages[step] = self.stages.get(step, 0.0) + time.perf_counter() - t0
-            self.cpu[step] = self.cpu.get(step, 0.0) + time.thread_time() - c0
+            wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+            self._open.step = outer
+            self._add(step, wall, cpu)
+            if outer is not None:  # the enclosing block's time excludes this one's
+                self._add(outer, -wall, -cpu)
 
 # %% ../nbs/42_worker.ipynb #5d9281e8
 class StreamWorker:
@@ -543,6 +551,7 @@ class _Batch:
     rows: pl.DataFrame | None  # results rows (None: nothing scored)
     rejects: list[tuple[int, str]]  # (message index, reason) for the DLQ
     written: int = 0  # results rows written by its delivery
+    queued: bool = False  # its messages are queued in the producer (False again if the broker refused one)
 
 def _score_batch(w: StreamWorker, msgs: list[Message]) -> _Batch:
     "Parse, read state, dedupe, compute features and score one batch; the rows that raise become rejects."
@@ -601,35 +610,48 @@ def _commit(w: StreamWorker, offsets: list) -> None:
                     e.args[0].name())
 
 # %% ../nbs/42_worker.ipynb #831e6b03
-def _publish(w: StreamWorker, msgs: list[Message], rejects: list[tuple[int, str]], rows: pl.DataFrame | None) -> None:
-    "Send the rejects to the DLQ and the results rows out; raise unless the broker acknowledged every message."
+def _queue(w: StreamWorker, msgs: list[Message], b: _Batch) -> None:
+    "Queue the rejects on the DLQ and the results rows on their topics (`_acknowledged` waits for the broker)."
     w._errors.clear()
-    for i, reason in rejects:
+    for i, reason in b.rejects:
         r = msgs[i]
         send_to_dlq(w.producer, r.value(), reason, r.topic(), r.partition(), r.offset(), key=r.key(),
                     on_delivery=w._delivered)
-    if rows is not None:
-        publish_predictions(w.producer, rows, w._delivered)
-    left = w.producer.flush(w.flush_timeout)
+    if b.rows is not None:
+        publish_predictions(w.producer, b.rows, w._delivered)
+    b.queued = True
+
+def _acknowledged(w: StreamWorker, b: _Batch) -> None:
+    "Wait until the broker acknowledged every queued message; else raise, and the retry queues them again."
+    with w._time("publish"):
+        left = w.producer.flush(w.flush_timeout)
     if left or w._errors:
+        b.queued = False
         raise RuntimeError(f"{left} messages unacknowledged, {len(w._errors)} failed "
                            f"({w._errors[:1]}): not committing; the batch will be redelivered")
+    _checkpoint(w, "publish")
 
-def _write(w: StreamWorker, b: _Batch) -> None:
-    b.written += write_predictions(w.engine, b.rows) if b.rows is not None else 0
+def _publish_and_write(w: StreamWorker, msgs: list[Message], b: _Batch) -> None:
+    "Queue the messages, insert the results rows, and commit them once the broker has acknowledged the messages."
+    if not b.queued:  # a retry after the database failed does not publish again
+        with w._time("publish"):
+            _queue(w, msgs, b)
+    if b.rows is None:
+        return _acknowledged(w, b)
+    with w._time("write"):
+        b.written += write_predictions(w.engine, b.rows, before_commit=partial(_acknowledged, w, b))
 
 def _push(w: StreamWorker, b: _Batch) -> None:
     if b.new_state.height:
-        push_state(w.store, b.new_state, to="offline")  # offline first: see "Why a crash loses nothing"
-        push_state(w.store, b.new_state, to="online")
+        with w._time("push"):
+            push_state(w.store, b.new_state, to="offline")  # offline first: see "Why a crash loses nothing"
+            push_state(w.store, b.new_state, to="online")
 
 def _deliver(w: StreamWorker, msgs: list[Message], b: _Batch) -> bool:
-    "Publish, write the results rows, push the state (a crash point after each), each step retried until it succeeds."
-    for step, fn in (("publish", partial(_publish, w, msgs, b.rejects, b.rows)), ("write", partial(_write, w, b)),
-                     ("push", partial(_push, w, b))):
-        with w._time(step):
-            if not retry_until_done(fn, w.stats, w.stop, step):
-                return False  # stopped while a dependency was down: the batch is not committed
+    "Publish and write, then push the state (a crash point after each of the three), each retried until it succeeds."
+    for step, fn in (("write", partial(_publish_and_write, w, msgs, b)), ("push", partial(_push, w, b))):
+        if not retry_until_done(fn, w.stats, w.stop, "publish and write" if step == "write" else step):
+            return False  # stopped while a dependency was down: the batch is not committed
         _checkpoint(w, step)
     return True
 
