@@ -276,13 +276,35 @@ def _state_rows(cols: dict[str, list]) -> list[dict]:
         out.append(row)
     return out
 
+def _python_values(values: list, list_valued: bool) -> list:
+    "The Python value of each `ValueProto` (None where unset or null), lists as lists."
+    def one(v):
+        kind = None if v is None else v.WhichOneof("val")
+        if kind is None or kind == "null_val": return None
+        return list(getattr(v, kind).val) if list_valued else getattr(v, kind)
+    return [one(v) for v in values]
+
 def read_state(store: FeatureStore, # from get_store
                customer_ids: list[str], # customers to read (duplicates are read once)
               ) -> pl.DataFrame:
     "Online state of these customers as STATE_SCHEMA rows; customers without state are absent."
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
     ids = list(dict.fromkeys(customer_ids))
     if not ids: return empty_state()
-    return _state_frame(_online(store, [f"{CUSTOMER_VIEW}:{c}" for c in _state_feats()], {"customer_id": ids}))
+    feats = _state_feats()
+    keys = [EntityKeyProto(join_keys=["customer_id"], entity_values=[ValueProto(string_val=c)]) for c in ids]
+    try:
+        got = store._get_provider().online_read(store.config, store.get_feature_view(CUSTOMER_VIEW), keys,
+                                                list(feats))  # a copy: the Redis store appends its timestamp key
+    except _unavailable_errors() as e:
+        raise OnlineStoreUnavailable(f"{store.config.online_store.type} online store unavailable: {e}") from e
+    found = [(c, vals) for c, (_, vals) in zip(ids, got, strict=True)  # as `_found`: a customer with any value
+             if vals and any(v.WhichOneof("val") not in (None, "null_val") for v in vals.values())]
+    wire = {c: wire_dtype(t) for c, t in STATE_SCHEMA.items()}
+    cols = {"customer_id": [c for c, _ in found]} | {
+        f: _python_values([vals.get(f) for _, vals in found], isinstance(wire[f], pl.List)) for f in feats}
+    return from_wire(pl.DataFrame(cols, schema=wire), STATE_SCHEMA)
 
 # %% ../nbs/11_feature_store.ipynb #b2f0c001
 def _risk_rows(cols: dict[str, list]) -> list[dict]:

@@ -20,6 +20,7 @@ from fraud_detection.core import Settings, get_settings
 from fraud_detection.feature_store import (
     CUSTOMER_VIEW,
     MERCHANT_RISK_OFFLINE,
+    PUSH_SOURCE,
     STATE_OFFLINE,
     OnlineStoreUnavailable,
     apply,
@@ -33,6 +34,7 @@ from fraud_detection.feature_store import (
     read_state,
     write_offline_merchant_risk,
 )
+from fraud_detection.feature_store import _online, _state_frame, _state_wire
 from fraud_detection.features import RISK_SCHEMA, STATE_SCHEMA, merchant_risk_table, state_from_history
 
 FEAST_TEST_DB = 12  # Redis db used only by these tests: flushed before and after each test
@@ -87,6 +89,18 @@ def test_state_round_trip_exact(store):
     assert got.schema == pl.Schema(STATE_SCHEMA)
     assert got.equals(state), (got, state)  # bit-exact: microseconds, list order, 5e-324, unicode
 
+
+
+def test_state_agrees_with_feasts_own_push_and_read(store):
+    "push_state and read_state work under FeatureStore.push / get_online_features: each agrees with Feast's own."
+    state, asked = _state(4), ["c3", "nobody", "c0", "c1", "c2", "c3"]
+    push_state(store, state, to="online")
+    theirs = _state_frame(_online(store, [f"{CUSTOMER_VIEW}:{c}" for c in list(STATE_SCHEMA)[1:]], {"customer_id": asked}))
+    assert theirs.height == 4 and read_state(store, asked).equals(theirs)
+    newer = state.with_columns(n_prior=pl.col("n_prior") + 10, last_trans_num=pl.col("last_trans_num") + "b")
+    store.push(PUSH_SOURCE, _state_wire(newer).to_pandas())  # Feast's own write path
+    expected = pl.DataFrame({"customer_id": ["c3", "c0", "c1", "c2"]}).join(newer, on="customer_id", how="left")
+    assert read_state(store, asked).equals(expected)
 
 def test_missing_customers_are_absent(store):
     push_state(store, _state(2), to="online")
