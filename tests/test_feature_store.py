@@ -23,6 +23,9 @@ from fraud_detection.feature_store import (
     PUSH_SOURCE,
     STATE_OFFLINE,
     OnlineStoreUnavailable,
+    _online,
+    _state_frame,
+    _state_wire,
     apply,
     build_batch_features,
     data_dir,
@@ -34,7 +37,6 @@ from fraud_detection.feature_store import (
     read_state,
     write_offline_merchant_risk,
 )
-from fraud_detection.feature_store import _online, _state_frame, _state_wire
 from fraud_detection.features import RISK_SCHEMA, STATE_SCHEMA, merchant_risk_table, state_from_history
 
 FEAST_TEST_DB = 12  # Redis db used only by these tests: flushed before and after each test
