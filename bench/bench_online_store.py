@@ -6,7 +6,11 @@ table, and a raw redis-py HGETALL of Feast's key (the floor any client pays: one
 Feast's `get_online_features(...).to_dict()` alone, to split Feast's cost from the polars conversion.
 
 Prints p50/p99 in ms (median over RUNS runs of READS reads each) and the ratio to the baseline.
-Usage: python bench/bench_online_store.py [--reads 1000] [--runs 3]
+
+Then a stream worker's micro-batch (`--customers` states at once, production cardinality): `push_state` and
+`read_state`, which go straight to the online store's `online_write_batch` / `online_read`, against Feast's own
+`FeatureStore.push` and `get_online_features` on the same states in the same run (µs per customer, median of runs).
+Usage: python bench/bench_online_store.py [--reads 1000] [--runs 3] [--customers 5000]
 Redis: FRAUD_BENCH_REDIS_URL (default redis://127.0.0.1:6379/13; that db is flushed before and after).
 """
 from __future__ import annotations
@@ -24,7 +28,18 @@ import polars as pl
 import redis
 
 from fraud_detection.core import Settings
-from fraud_detection.feature_store import CUSTOMER_VIEW, apply, get_store, push_state, read_online, read_state
+from fraud_detection.feature_store import (
+    CUSTOMER_VIEW,
+    PUSH_SOURCE,
+    _online,
+    _state_frame,
+    _state_wire,
+    apply,
+    get_store,
+    push_state,
+    read_online,
+    read_state,
+)
 from fraud_detection.features import STATE_SCHEMA
 
 
@@ -82,15 +97,34 @@ def bench_store(settings: Settings, state: pl.DataFrame, reads: int, runs: int) 
     return out
 
 
+def bench_batch(settings: Settings, state: pl.DataFrame, runs: int) -> dict[str, float]:
+    "µs per customer of a whole batch's state push and read: the direct path and Feast's own, alternated run by run."
+    store = get_store(settings)
+    apply(store)
+    ids, feats = state["customer_id"].to_list(), [f"{CUSTOMER_VIEW}:{c}" for c in STATE_SCHEMA if c != "customer_id"]
+    ways = {"push: Feast's FeatureStore.push (baseline)": lambda: store.push(PUSH_SOURCE, _state_wire(state).to_pandas()),
+            "push: push_state (online_write_batch)": lambda: push_state(store, state, to="online"),
+            "read: Feast's get_online_features (baseline)": lambda: _state_frame(_online(store, feats, {"customer_id": ids})),
+            "read: read_state (online_read)": lambda: read_state(store, ids)}
+    spent: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(runs):
+        for name, fn in ways.items():
+            t = time.perf_counter(); fn(); spent[name].append(time.perf_counter() - t)
+    assert read_state(store, ids).equals(state)
+    return {k: statistics.median(v) / len(ids) * 1e6 for k, v in spent.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reads", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--customers", type=int, default=5000, help="states in the micro-batch part")
     a = ap.parse_args()
-    state = realistic_state()
+    state, batch = realistic_state(), realistic_state(a.customers)
     url = os.environ.get("FRAUD_BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
     with tempfile.TemporaryDirectory(prefix="bench_online_") as tmp:
         results = {"sqlite": bench_store(Settings(data_dir=Path(tmp) / "sqlite"), state, a.reads, a.runs)}
+        batches = {"sqlite": bench_batch(Settings(data_dir=Path(tmp) / "sqlite-batch"), batch, a.runs)}
         rc = redis.Redis.from_url(url)
         try:
             rc.ping()
@@ -101,6 +135,9 @@ def main() -> None:
             try:
                 results["redis"] = bench_store(Settings(data_dir=Path(tmp) / "redis", online_store="redis",
                                                         redis_url=url), state, a.reads, a.runs)
+                rc.flushdb()
+                batches["redis"] = bench_batch(Settings(data_dir=Path(tmp) / "redis-batch", online_store="redis",
+                                                        redis_url=url), batch, a.runs)
             finally:
                 rc.flushdb()
     print(f"one customer's state ({len(STATE_SCHEMA) - 1} features, 60-element lists), "
@@ -110,6 +147,12 @@ def main() -> None:
         for name, (p50, p99) in res.items():
             print(f"  {store:6} {name:26} p50 {p50:7.3f} ms  p99 {p99:7.3f} ms   "
                   f"ratio to baseline p50 {p50 / base[0]:6.1f}x  p99 {p99 / base[1]:6.1f}x")
+    print(f"a micro-batch of {a.customers:,} customers' states, µs per customer (median of {a.runs} runs)")
+    for store, res in batches.items():
+        for verb in ("push", "read"):
+            (base_name, base), (name, ours) = [(k, v) for k, v in res.items() if k.startswith(verb)]
+            print(f"  {store:6} {base_name:45} {base:7.1f}\n  {store:6} {name:45} {ours:7.1f}   "
+                  f"{base / ours:4.1f}x faster")
 
 
 if __name__ == "__main__":

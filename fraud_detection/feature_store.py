@@ -153,6 +153,15 @@ def _in_repo(repo: Path):
     try: yield
     finally: os.chdir(cwd); sys.path[:] = path0
 
+_DEFINITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # store → {(kind, name): definition}
+
+def _definition(store: FeatureStore, kind: Literal["view", "service"], name: str):
+    "A FeatureView or FeatureService, parsed from the registry once per store (Feast parses it on every lookup: 1–6 ms)."
+    cache = _DEFINITIONS.setdefault(store, {})
+    if (kind, name) not in cache:
+        cache[kind, name] = store.get_feature_view(name) if kind == "view" else store.get_feature_service(name)
+    return cache[kind, name]
+
 def apply(store: FeatureStore) -> None:
     "Register the definitions of `store.repo_path` (the feature repo) in the store: the same as `feast apply`."
     from feast.project import Project
@@ -166,6 +175,7 @@ def apply(store: FeatureStore) -> None:
         apply_total_with_repo_instance(store, store.config.project, store.registry, repo,
                                        skip_source_validation=True)
     log.debug("feast apply: %s", out.getvalue())
+    _DEFINITIONS.pop(store, None)  # definitions may have changed: parse them again
     if store.config.online_store.type == "sqlite":  # readers (API) never wait for the writer (stream worker)
         with contextlib.closing(sqlite3.connect(store.config.online_store.path)) as con:
             con.execute("PRAGMA journal_mode=WAL")
@@ -216,7 +226,7 @@ def push_state(store: FeatureStore, # from get_store
     if state["customer_id"].is_duplicated().any(): raise ValueError("state has more than one row per customer")
     wire = _state_wire(state)
     if to != "offline":
-        view = store.get_feature_view(CUSTOMER_VIEW)
+        view = _definition(store, "view", CUSTOMER_VIEW)
         rows = _online_state_rows(wire, [f.name for f in view.features])
         store._get_provider().online_write_batch(store.config, view, rows, progress=None)
     if to != "online":
@@ -295,7 +305,7 @@ def read_state(store: FeatureStore, # from get_store
     feats = _state_feats()
     keys = [EntityKeyProto(join_keys=["customer_id"], entity_values=[ValueProto(string_val=c)]) for c in ids]
     try:
-        got = store._get_provider().online_read(store.config, store.get_feature_view(CUSTOMER_VIEW), keys,
+        got = store._get_provider().online_read(store.config, _definition(store, "view", CUSTOMER_VIEW), keys,
                                                 list(feats))  # a copy: the Redis store appends its timestamp key
     except _unavailable_errors() as e:
         raise OnlineStoreUnavailable(f"{store.config.online_store.type} online store unavailable: {e}") from e
@@ -368,14 +378,6 @@ def read_merchant_risk(store: FeatureStore, # from get_store
     return _risk_frame(_online(store, [f"{MERCHANT_VIEW}:{c}" for c in _risk_feats("merchant")], {"merchant": ids}))
 
 # %% ../nbs/11_feature_store.ipynb #890ae178
-_SERVICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # store → {name: FeatureService}
-
-def _service(store: FeatureStore, name: str):
-    "The FeatureService `name`, read from the registry once per store (a registry lookup costs ~1 ms)."
-    cache = _SERVICES.setdefault(store, {})
-    if name not in cache: cache[name] = store.get_feature_service(name)
-    return cache[name]
-
 def _entity_rows(customer_ids: list[str], merchants: list[str], keys: dict[str, list] | None) -> dict[str, list]:
     "Feast entity rows: customer, merchant and each other risk entity's key (absent: '', never found)."
     if len(customer_ids) != len(merchants): raise ValueError("one merchant per customer id expected")
@@ -396,7 +398,7 @@ def read_online(store: FeatureStore, # from get_store
     "(state, entity risk) for these transactions in one online read of the model's FeatureService."
     rows = _entity_rows(customer_ids, merchants, keys)
     if not customer_ids: return empty_state(), pl.DataFrame(schema=RISK_SCHEMA)
-    cols = _online(store, _service(store, service), rows)
+    cols = _online(store, _definition(store, "service", service), rows)
     return _state_frame(cols), _risk_frame(cols)
 
 def read_online_rows(store: FeatureStore, # from get_store
@@ -408,7 +410,7 @@ def read_online_rows(store: FeatureStore, # from get_store
     "`read_online` as plain dicts (state rows, entity-risk rows): what `features.request_row` takes."
     rows = _entity_rows(customer_ids, merchants, keys)
     if not customer_ids: return [], []
-    cols = _online(store, _service(store, service), rows)
+    cols = _online(store, _definition(store, "service", service), rows)
     return _state_rows(cols), _risk_rows(cols)
 
 # %% ../nbs/11_feature_store.ipynb #8a9a2b37
