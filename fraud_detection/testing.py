@@ -29,7 +29,7 @@ from .features import FEATURES, batch_features, merchant_risk_table, state_from_
 from .ingest import clean_frame
 from .model import LABEL, Scorer, time_split, train_model
 from .registry import register, set_alias
-from .results_store import get_engine, predictions
+from .results_store import _now, get_engine, predictions
 from .schema import Transaction
 from .simulate import simulate
 
@@ -123,7 +123,7 @@ def fake_predictions(n: int = 200, # rows
                     ) -> pl.DataFrame:
     "Synthetic scored transactions in the `predictions` schema (no PII) for demos and tests."
     rng = np.random.default_rng(seed)
-    end = end or datetime.now(UTC).replace(tzinfo=None)
+    end = end or _now()
     ts = sorted(end - timedelta(seconds=float(s)) for s in rng.uniform(0, days * 86400, n))
     fraud = rng.random(n) < fraud_rate
     amt = np.round(np.where(fraud, rng.lognormal(5.5, 0.8, n), rng.lognormal(3.6, 1.0, n)), 2)
