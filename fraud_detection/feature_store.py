@@ -190,16 +190,23 @@ def _state_wire(state: pl.DataFrame) -> pl.DataFrame:
         state["last_ts"].dt.replace_time_zone("UTC").alias(TIMESTAMP))
 
 _PROTO_SCALAR = {pl.Int64: "int64_val", pl.Float64: "double_val", pl.String: "string_val"}
-_PROTO_LIST = {pl.Int64: "int64_list_val", pl.Float64: "double_list_val", pl.String: "string_list_val"}
+_PROTO_LIST = {pl.Int64: ("int64_list_val", "Int64List"), pl.Float64: ("double_list_val", "DoubleList"),
+               pl.String: ("string_list_val", "StringList")}  # element dtype → (ValueProto field, its message)
+
+def _customer_keys(ids: list[str]) -> list:
+    "Feast's entity key of each customer id."
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+    return [EntityKeyProto(join_keys=["customer_id"], entity_values=[ValueProto(string_val=c)]) for c in ids]
 
 def _proto_values(col: pl.Series) -> list:
     "Feast's `ValueProto` of each value of a wire column, as its push makes them (null or NaN: an empty value)."
-    from feast.protos.feast.types.Value_pb2 import DoubleList, Int64List, StringList
-    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+    from feast.protos.feast.types import Value_pb2
+    ValueProto = Value_pb2.Value
     null, dtype = ValueProto(), col.dtype
     if isinstance(dtype, pl.List):
-        field = _PROTO_LIST[dtype.inner]
-        kind = {pl.Int64: Int64List, pl.Float64: DoubleList, pl.String: StringList}[dtype.inner]
+        field, message = _PROTO_LIST[dtype.inner]
+        kind = getattr(Value_pb2, message)
         return [null if v is None else ValueProto(**{field: kind(val=v)}) for v in col.to_list()]
     field = _PROTO_SCALAR[dtype]
     return [null if v is None else ValueProto(**{field: v}) for v in (col.fill_nan(None) if dtype.is_float() else col).to_list()]
@@ -208,10 +215,7 @@ def _online_state_rows(wire: pl.DataFrame, # `_state_wire` output
                        features: list[str], # the view's feature names, in its order
                       ) -> list[tuple]:
     "(entity key, {feature: value}, event time, None) per row: what Feast's push hands `online_write_batch`."
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-    keys = [EntityKeyProto(join_keys=["customer_id"], entity_values=[ValueProto(string_val=c)])
-            for c in wire["customer_id"].to_list()]
+    keys = _customer_keys(wire["customer_id"].to_list())
     values = zip(*(_proto_values(wire[f]) for f in features), strict=True)
     stamps = wire[TIMESTAMP].dt.replace_time_zone(None).to_list()  # naive UTC, as Feast's conversion gives them
     return [(k, dict(zip(features, v, strict=True)), ts, None) for k, v, ts in zip(keys, values, stamps, strict=True)]
@@ -247,15 +251,20 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
     import redis
     return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, sqlite3.OperationalError)
 
+@contextlib.contextmanager
+def _reading(store: FeatureStore):
+    "Raise the store's own failures inside the block as `OnlineStoreUnavailable`."
+    try: yield
+    except _unavailable_errors() as e:
+        raise OnlineStoreUnavailable(f"{store.config.online_store.type} online store unavailable: {e}") from e
+
 def _online(store: FeatureStore, # from get_store
             features: list[str] | object, # feature refs "view:feature", or a FeatureService
             rows: dict[str, list[str]], # entity key → values (one entity row per position)
            ) -> dict[str, list]:
     "Online values as columns of Python values (event times in seconds as `<feature>__ts`)."
-    try:
+    with _reading(store):
         resp = store.get_online_features(features=features, entity_rows=rows)
-    except _unavailable_errors() as e:
-        raise OnlineStoreUnavailable(f"{store.config.online_store.type} online store unavailable: {e}") from e
     return resp.to_dict(include_event_timestamps=True)
 
 def _found(cols: dict[str, list], key: str, feats: list[str]) -> list[int]:
@@ -286,11 +295,15 @@ def _state_rows(cols: dict[str, list]) -> list[dict]:
         out.append(row)
     return out
 
+def _is_set(v) -> bool:
+    "A `ValueProto` holding a value (not absent, unset or null)."
+    return v is not None and v.WhichOneof("val") not in (None, "null_val")
+
 def _python_values(values: list, list_valued: bool) -> list:
-    "The Python value of each `ValueProto` (None where unset or null), lists as lists."
+    "The Python value of each `ValueProto` (None where absent, unset or null), lists as lists."
     def one(v):
-        kind = None if v is None else v.WhichOneof("val")
-        if kind is None or kind == "null_val": return None
+        if not _is_set(v): return None
+        kind = v.WhichOneof("val")
         return list(getattr(v, kind).val) if list_valued else getattr(v, kind)
     return [one(v) for v in values]
 
@@ -298,19 +311,15 @@ def read_state(store: FeatureStore, # from get_store
                customer_ids: list[str], # customers to read (duplicates are read once)
               ) -> pl.DataFrame:
     "Online state of these customers as STATE_SCHEMA rows; customers without state are absent."
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
     ids = list(dict.fromkeys(customer_ids))
     if not ids: return empty_state()
     feats = _state_feats()
-    keys = [EntityKeyProto(join_keys=["customer_id"], entity_values=[ValueProto(string_val=c)]) for c in ids]
-    try:
-        got = store._get_provider().online_read(store.config, _definition(store, "view", CUSTOMER_VIEW), keys,
+    with _reading(store):
+        got = store._get_provider().online_read(store.config, _definition(store, "view", CUSTOMER_VIEW),
+                                                _customer_keys(ids),
                                                 list(feats))  # a copy: the Redis store appends its timestamp key
-    except _unavailable_errors() as e:
-        raise OnlineStoreUnavailable(f"{store.config.online_store.type} online store unavailable: {e}") from e
     found = [(c, vals) for c, (_, vals) in zip(ids, got, strict=True)  # as `_found`: a customer with any value
-             if vals and any(v.WhichOneof("val") not in (None, "null_val") for v in vals.values())]
+             if vals and any(map(_is_set, vals.values()))]
     wire = {c: wire_dtype(t) for c, t in STATE_SCHEMA.items()}
     cols = {"customer_id": [c for c, _ in found]} | {
         f: _python_values([vals.get(f) for _, vals in found], isinstance(wire[f], pl.List)) for f in feats}

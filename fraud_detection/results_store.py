@@ -258,8 +258,12 @@ def write_predictions(engine: Engine, # from get_engine
                      ) -> int:
     "Insert scored transactions in one transaction, skipping known `trans_num`s; returns the number inserted."
     df = _prediction_frame(rows)
+    if not df.height:  # nothing to insert: no transaction
+        if before_commit is not None:
+            before_commit()
+        return 0
     with engine.begin() as conn:
-        n = _insert(engine, conn, df) if df.height else 0
+        n = _insert(engine, conn, df)
         if before_commit is not None:
             before_commit()
     return n

@@ -649,8 +649,9 @@ def _push(w: StreamWorker, b: _Batch) -> None:
 
 def _deliver(w: StreamWorker, msgs: list[Message], b: _Batch) -> bool:
     "Publish and write, then push the state (a crash point after each of the three), each retried until it succeeds."
-    for step, fn in (("write", partial(_publish_and_write, w, msgs, b)), ("push", partial(_push, w, b))):
-        if not retry_until_done(fn, w.stats, w.stop, "publish and write" if step == "write" else step):
+    for step, what, fn in (("write", "publish and write", partial(_publish_and_write, w, msgs, b)),
+                           ("push", "push", partial(_push, w, b))):
+        if not retry_until_done(fn, w.stats, w.stop, what):
             return False  # stopped while a dependency was down: the batch is not committed
         _checkpoint(w, step)
     return True
