@@ -13,7 +13,7 @@ import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .results_store import predictions
+from .results_store import decode_features, predictions
 
 # %% auto #0
 __all__ = ['TIME_WINDOWS', 'window_start', 'classification_metrics', 'metrics_over_time', 'champion_vs_challenger',
@@ -117,9 +117,10 @@ def decision_volume(engine: Engine,
 def recent_features(engine: Engine, limit: int = 2000) -> pl.DataFrame:
     "The model inputs of the `limit` most recent scored transactions (one column per feature)."
     c = predictions.c
-    stmt = sa.select(c.features).where(c.features.is_not(None)).order_by(c.ts.desc()).limit(limit)
+    stmt = sa.select(c.features, c.model_version).where(c.features.is_not(None)).order_by(c.ts.desc()).limit(limit)
     with engine.connect() as conn:
-        rows = [json.loads(r[0]) for r in conn.execute(stmt)]
+        got = conn.execute(stmt).all()
+        rows = decode_features(conn, [r.features for r in got], [r.model_version for r in got])
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
 # %% ../nbs/60c_app_queries.ipynb #add88a57

@@ -252,14 +252,15 @@ def recent_scored(engine, # results database
                   limit: int, # most recent N by event time
                  ) -> pl.DataFrame:
     "Model inputs, ts, fraud_probability and decision of the `limit` most recent transactions scored by `version`."
-    import json
     import sqlalchemy as sa
-    from fraud_detection.results_store import predictions
+    from fraud_detection.results_store import decode_features, predictions
     c = predictions.c
     stmt = (sa.select(c.ts, c.fraud_probability, c.decision, c.features)
             .where(c.features.is_not(None), c.model_version == version).order_by(c.ts.desc()).limit(limit))
     with engine.connect() as conn:
-        rows = [{**json.loads(f), "ts": ts, "fraud_probability": p, "decision": d} for ts, p, d, f in conn.execute(stmt)]
+        got = conn.execute(stmt).all()
+        inputs = decode_features(conn, [r.features for r in got], [version] * len(got))
+    rows = [{**f, "ts": r.ts, "fraud_probability": r.fraud_probability, "decision": r.decision} for r, f in zip(got, inputs, strict=True)]
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
 # %% ../nbs/61_drift.ipynb #c9273d59

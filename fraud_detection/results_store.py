@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache, partial
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,11 @@ from sqlalchemy.engine import Engine
 from .core import CATEGORIES, DECISIONS, get_settings
 
 # %% auto #0
-__all__ = ['metadata', 'predictions', 'labels', 'worker_stats', 'ALERT_COLUMNS', 'HISTORY_COLUMNS', 'get_engine', 'create_tables',
-           'write_predictions', 'read_alerts', 'alert_summary', 'read_prediction', 'read_customer_history',
-           'write_label', 'read_labels', 'event_clock', 'labelled_predictions', 'LabelOutcome', 'publish_labels',
-           'label_transaction', 'pending_labels', 'publish_pending_labels', 'write_worker_stats', 'read_worker_stats']
+__all__ = ['metadata', 'predictions', 'labels', 'model_features', 'worker_stats', 'ALERT_COLUMNS', 'HISTORY_COLUMNS',
+           'get_engine', 'create_tables', 'feature_names', 'decode_features', 'write_predictions', 'read_alerts',
+           'alert_summary', 'read_prediction', 'read_customer_history', 'write_label', 'read_labels', 'event_clock',
+           'labelled_predictions', 'LabelOutcome', 'publish_labels', 'label_transaction', 'pending_labels',
+           'publish_pending_labels', 'write_worker_stats', 'read_worker_stats']
 
 # %% ../nbs/45_results_store.ipynb #afb23424
 @lru_cache
@@ -72,7 +74,7 @@ predictions = sa.Table(
     sa.Column("challenger_probability", sa.Float),
     sa.Column("challenger_decision", sa.String(16)),
     sa.Column("challenger_version", sa.String(64)),
-    sa.Column("features", sa.Text),  # JSON {feature: value}, the exact model input
+    sa.Column("features", sa.Text),  # JSON [value, ...] in the order of model_features.features: the exact model input
     sa.Column("is_fraud", sa.SmallInteger),  # simulator/issuer label, known only after the label delay
     sa.Column("scored_at", sa.DateTime, nullable=False),  # wall time, UTC
     sa.Column("latency_ms", sa.Float),  # ingest-to-score freshness
@@ -91,6 +93,13 @@ labels = sa.Table(
     sa.Column("source", sa.String(20), nullable=False, server_default="analyst"),
     sa.Column("published_at", sa.DateTime),  # when it reached the labels topic (null: not yet)
     sa.CheckConstraint("label IN (0, 1)", name="ck_labels_label"),
+)
+
+model_features = sa.Table(
+    "model_features", metadata,
+    sa.Column("model_version", sa.String(64), primary_key=True),
+    sa.Column("features", sa.Text, nullable=False),  # JSON [name, ...]: the order of this version's feature vectors
+    sa.Column("created_at", sa.DateTime, nullable=False),  # wall time, UTC
 )
 
 worker_stats = sa.Table(
@@ -180,14 +189,14 @@ def _prediction_rows(rows: Iterable[dict]) -> list[dict]:
             continue
         seen.add(r["trans_num"])
         r = {k: _naive_utc(v) for k, v in r.items()}
-        r["reasons"], r["features"] = _to_json(r.get("reasons")), _to_json(r.get("features"))
+        r["reasons"], r["features"] = _to_json(r.get("reasons")), _plain(r.get("features"))
         r.setdefault("scored_at", _now())
         out.append({k: _plain(v) if isinstance(v, float) else v for k, v in r.items()})
     return out
 
 # %% ../nbs/45_results_store.ipynb #90ec6d31
 def _prediction_frame(rows: pl.DataFrame | Iterable[dict]) -> pl.DataFrame:
-    "The same rules column by column: first row per trans_num, nested values as JSON text, NaN → null, naive UTC."
+    "The same rules column by column: first row per trans_num, reasons as JSON text, NaN → null, naive UTC."
     df = rows if isinstance(rows, pl.DataFrame) else pl.DataFrame(_prediction_rows(rows), infer_schema_length=None)
     if not df.height:
         return df
@@ -200,7 +209,7 @@ def _prediction_frame(rows: pl.DataFrame | Iterable[dict]) -> pl.DataFrame:
     df = df.unique("trans_num", keep="first", maintain_order=True)
     fix = {}
     for c, t in df.schema.items():
-        if c in ("reasons", "features") and t not in (pl.String, pl.Null):  # nested values: the dicts' JSON rules
+        if c == "reasons" and t not in (pl.String, pl.Null):  # nested values: the dicts' JSON rules
             fix[c] = pl.Series(c, [_to_json(v) for v in df[c].to_list()], dtype=pl.String)
         elif isinstance(t, pl.Datetime) and t.time_zone is not None:
             fix[c] = df[c].dt.convert_time_zone("UTC").dt.replace_time_zone(None)
@@ -209,6 +218,61 @@ def _prediction_frame(rows: pl.DataFrame | Iterable[dict]) -> pl.DataFrame:
     if "scored_at" not in df.columns:
         fix["scored_at"] = pl.Series("scored_at", [_now()] * df.height, dtype=pl.Datetime("us"))
     return df.with_columns(**fix)
+
+# %% ../nbs/45_results_store.ipynb #efba322f
+def _json_number(x: pl.Expr, dtype: pl.DataType, name: str) -> pl.Expr:
+    "A numeric feature as JSON number text: null, NaN and ±inf as `null`."
+    if dtype.is_float():
+        x = pl.when(x.is_finite()).then(x)
+    elif not (dtype.is_integer() or dtype in (pl.Boolean, pl.Null)):
+        raise ValueError(f"feature {name!r} is {dtype}: feature values must be numbers")
+    return x.cast(pl.String).fill_null("null")
+
+def _feature_vectors(df: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, list[str]]]:
+    "`features` structs → JSON arrays of their values; and the feature names of each model version that has some."
+    kind = df.schema.get("features")
+    if kind is None or kind == pl.Null:
+        return df, {}
+    if not isinstance(kind, pl.Struct):
+        raise ValueError(f"features must be a struct (a dict) of feature values per row, not {kind}")
+    names, f = [x.name for x in kind.fields], pl.col("features")
+    values = [_json_number(f.struct.field(x.name), x.dtype, x.name) for x in kind.fields]
+    vector = pl.format("[{}]", pl.concat_str(values, separator=",")) if values else pl.lit("[]")
+    versions = df.filter(f.is_not_null())["model_version"].unique(maintain_order=True).to_list()
+    return df.with_columns(features=pl.when(f.is_not_null()).then(vector)), {v: names for v in versions}
+
+# %% ../nbs/45_results_store.ipynb #a8d2b455
+def feature_names(conn: sa.Connection, versions: Iterable[str]) -> dict[str, list[str]]:
+    "The feature names stored for each of `versions` that has them: the order of that version's feature vectors."
+    stmt = sa.select(model_features.c.model_version, model_features.c.features)
+    return {v: json.loads(names) for v, names in conn.execute(stmt.where(model_features.c.model_version.in_(list(versions))))}
+
+def _register_features(engine: Engine, conn: sa.Connection, names: dict[str, list[str]]) -> None:
+    "Store each model version's feature names once; a version stored with other names is an error."
+    known = feature_names(conn, names) if names else {}
+    for version, stored in known.items():
+        if stored != names[version]:
+            raise ValueError(f"model version {version!r} has {len(stored)} stored feature names, these rows "
+                             f"{len(names[version])} others: first difference "
+                             f"{next((a, b) for a, b in zip_longest(stored, names[version]) if a != b)}")
+    if new := [{"model_version": v, "features": json.dumps(n), "created_at": _now()} for v, n in names.items() if v not in known]:
+        conn.execute(_insert_ignore(engine, model_features), new)  # another worker may have stored them meanwhile
+
+def decode_features(conn: sa.Connection, # a connection to the results database
+                    texts: Sequence[str | None], # `predictions.features` values
+                    versions: Sequence[str], # their rows' `model_version`
+                   ) -> list[dict[str, Any] | None]:
+    "Stored feature vectors as `{name: value}` dicts (rows written before vectors hold that JSON object itself)."
+    names = feature_names(conn, {v for t, v in zip(texts, versions, strict=True) if t and t[0] == "["})
+    out: list[dict[str, Any] | None] = []
+    for text, version in zip(texts, versions, strict=True):
+        if not text or text[0] == "{":
+            out.append(json.loads(text) if text else None)
+        elif version not in names:
+            raise ValueError(f"no feature names stored for model version {version!r} (model_features)")
+        else:
+            out.append(dict(zip(names[version], json.loads(text), strict=True)))
+    return out
 
 # %% ../nbs/45_results_store.ipynb #c3d9e4f1
 def _insert_ignore(engine: Engine, table: sa.Table):
@@ -262,7 +326,9 @@ def write_predictions(engine: Engine, # from get_engine
         if before_commit is not None:
             before_commit()
         return 0
+    df, names = _feature_vectors(df)
     with engine.begin() as conn:
+        _register_features(engine, conn, names)
         n = _insert(engine, conn, df)
         if before_commit is not None:
             before_commit()
@@ -346,9 +412,9 @@ def read_prediction(engine: Engine, trans_num: str) -> dict | None:
             return None
         lab = conn.execute(sa.select(labels).where(labels.c.trans_num == trans_num)
                            .order_by(labels.c.id.desc()).limit(1)).mappings().first()
-    out = dict(row)
+        out = dict(row)
+        out["features"] = decode_features(conn, [out["features"]], [out["model_version"]])[0] or {}
     out["reasons"] = json.loads(out["reasons"]) if out["reasons"] else []
-    out["features"] = json.loads(out["features"]) if out["features"] else {}
     out["label"] = dict(lab) if lab else None
     return out
 
@@ -400,7 +466,7 @@ def labelled_predictions(engine: Engine,
                          label_delay_days: float, # simulator labels are known only this long after ts
                          now: datetime | None = None, # default: event_clock(engine)
                          since: datetime | None = None, # only predictions with ts >= since
-                         with_features: bool = False, # include the features/reasons JSON (for retraining)
+                         with_features: bool = False, # include `features` (a struct: the model input) and `reasons` (JSON)
                         ) -> pl.DataFrame:
     "Predictions with an effective label (`label`, `label_source`): analyst label, else simulator label once old enough."
     now = _naive_utc(now) or event_clock(engine)
@@ -413,7 +479,11 @@ def labelled_predictions(engine: Engine,
             .where(sa.or_(ll.c.label.is_not(None), known), *([c.ts >= _naive_utc(since)] if since else []))
             .order_by(c.ts, c.trans_num))
     with engine.connect() as conn:
-        return _frame(conn, stmt)
+        df = _frame(conn, stmt)
+        if with_features and df.height:
+            dicts = decode_features(conn, df["features"].to_list(), df["model_version"].to_list())
+            df = df.with_columns(features=pl.Series(dicts, strict=False))
+    return df
 
 # %% ../nbs/45_results_store.ipynb #2c0c6aec
 @dataclass

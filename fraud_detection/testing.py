@@ -29,7 +29,7 @@ from .features import FEATURES, batch_features, merchant_risk_table, state_from_
 from .ingest import clean_frame
 from .model import LABEL, Scorer, time_split, train_model
 from .registry import register, set_alias
-from .results_store import _now, get_engine, predictions
+from .results_store import _now, decode_features, get_engine, predictions
 from .schema import Transaction
 from .simulate import simulate
 
@@ -221,9 +221,12 @@ def db_url(data: Path) -> str:
 
 
 def result_rows(url: str) -> pl.DataFrame:
-    "Every row of the results table."
+    "Every row of the results table, `features` decoded (`{name: value}`: the model input)."
     with get_engine(url).connect() as conn:
         rows = [dict(r) for r in conn.execute(predictions.select()).mappings()]
+        inputs = decode_features(conn, [r["features"] for r in rows], [r["model_version"] for r in rows])
+    for row, features in zip(rows, inputs, strict=True):
+        row["features"] = features
     return pl.DataFrame(rows, infer_schema_length=None)
 
 # %% ../nbs/95_testing.ipynb #249d873f

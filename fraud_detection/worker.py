@@ -166,7 +166,7 @@ def prediction_rows(feats: pl.DataFrame,  # features of the transactions to scor
                     top_k: int = 3,  # reasons per row
                     now_ms: int | None = None,  # scoring time, epoch ms (default: now)
                    ) -> pl.DataFrame:
-    "Rows of the `predictions` results table for scored feature rows (reasons and features as JSON text)."
+    "Rows of the `predictions` results table for scored feature rows (reasons as JSON text, features as a struct)."
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     champ = champion.score(feats, explain=explain, top_k=top_k)
     ch = {"challenger_probability": pl.lit(None, pl.Float64), "challenger_decision": pl.lit(None, pl.String),
@@ -179,7 +179,7 @@ def prediction_rows(feats: pl.DataFrame,  # features of the transactions to scor
         *_CONTEXT,
         fraud_probability=champ["fraud_probability"], decision=champ["decision"], reasons=_json_list("reasons"),
         model_version=champ["model_version"], **ch,
-        features=pl.struct(champion.features).struct.json_encode(), is_fraud=pl.col("is_fraud"),
+        features=pl.struct(champion.features), is_fraud=pl.col("is_fraud"),
         scored_at=pl.lit(datetime.fromtimestamp(now_ms / 1000, UTC).replace(tzinfo=None), pl.Datetime("us")),
         latency_ms=(now_ms - pl.col("_kafka_ms")).cast(pl.Float64), partition=pl.col("_partition"),
         offset=pl.col("_offset"))
@@ -194,7 +194,7 @@ def prediction_messages(rows: pl.DataFrame,  # from `prediction_rows`
     obj = pl.struct(*(pl.col(c).dt.to_string(_ISO) if rows.schema[c] == pl.Datetime("us") else pl.col(c)
                       for c in flat)).struct.json_encode()
     value = pl.concat_str(obj.str.strip_suffix("}"), pl.lit(',"reasons":'), pl.col("reasons"),
-                          pl.lit(',"features":'), pl.col("features"), pl.lit("}"))
+                          pl.lit(',"features":'), pl.col("features").struct.json_encode(), pl.lit("}"))
     out = rows.select(key=pl.col("trans_num").cast(pl.Binary), value=value.cast(pl.Binary),
                       alert=pl.col("decision") != "approve")
     return out["key"].to_list(), out["value"].to_list(), out["alert"].to_list()

@@ -8,7 +8,6 @@ tests prove it); one end-to-end `check` per case reads them back from the result
 """
 from __future__ import annotations
 
-import json
 from datetime import datetime
 
 import polars as pl
@@ -78,7 +77,7 @@ def write_scored(s: Settings, scored: pl.DataFrame, version: str) -> None:
     now = datetime.now()
     rows = [{"trans_num": r["trans_num"], "customer_id": r["customer_id"], "ts": r["ts"], "amt": r["amt"],
              "category": None, "fraud_probability": r["fraud_probability"], "decision": r["decision"],
-             "model_version": version, "scored_at": now, "features": json.dumps({f: r[f] for f in FEATURES})}
+             "model_version": version, "scored_at": now, "features": {f: r[f] for f in FEATURES}}
             for r in scored.iter_rows(named=True)]
     write_predictions(engine, rows)
 

@@ -152,18 +152,22 @@ def test_empty_store_reads(engine):
 
 
 def test_json_columns_are_valid_json(engine):
-    R.write_predictions(engine, fake_predictions(20, seed=9, end=END))
+    "reasons: JSON objects; features: a JSON array of numbers in the order of the names stored once per model version."
+    df = fake_predictions(20, seed=9, end=END)
+    R.write_predictions(engine, df)
     with engine.connect() as c:
-        for reasons, feats in c.execute(sa.select(R.predictions.c.reasons, R.predictions.c.features)):
-            assert isinstance(json.loads(reasons), list) and isinstance(json.loads(feats), dict)
+        names = R.feature_names(c, df["model_version"].unique())
+        assert names == {v: df["features"].struct.fields for v in df["model_version"].unique()}
+        for reasons, feats, version in c.execute(sa.select(R.predictions.c.reasons, R.predictions.c.features,
+                                                           R.predictions.c.model_version)):
+            assert isinstance(json.loads(reasons), list) and len(json.loads(feats)) == len(names[version])
 
 
 def _tricky_rows(n: int = 60) -> pl.DataFrame:
-    """Worker-shaped rows (JSON text columns) with the values a bulk path can get wrong: '', NULL, NaN, quotes, commas,
+    """Worker-shaped rows (reasons as JSON text, features a struct) with the values a bulk path can get wrong: '', NULL, NaN, quotes, commas,
     newlines, non-ASCII, whole-second and sub-second times, a duplicate trans_num."""
     df = fake_predictions(n, seed=11, end=END)
-    df = df.with_columns(reasons=pl.format("[{}]", pl.col("reasons").list.eval(pl.element().struct.json_encode()).list.join(",")),
-                         features=pl.col("features").struct.json_encode())
+    df = df.with_columns(reasons=pl.format("[{}]", pl.col("reasons").list.eval(pl.element().struct.json_encode()).list.join(",")))
     odd = ["", 'quote "q", comma', "line\nbreak", "naïve café ✓", None, "back\\slash"]
     return pl.concat([df.with_columns(
         merchant=pl.Series([odd[i % len(odd)] for i in range(n)]),
@@ -179,8 +183,8 @@ def test_bulk_write_stores_what_sqlalchemy_stores(engine, tmp_path):
     assert R.write_predictions(engine, df) == df.height - 1
     ref = R.get_engine(f"sqlite:///{tmp_path}/ref.db")
     R.create_tables(ref)
-    with ref.begin() as c:  # the reference: SQLAlchemy Core, one dict per row, the dict rules
-        c.execute(R.predictions.insert(), R._prediction_rows(df.to_dicts()))
+    with ref.begin() as c:  # the reference: SQLAlchemy Core, one dict per row, the dict rules (features as vectors)
+        c.execute(R.predictions.insert(), R._prediction_rows(R._feature_vectors(df)[0].to_dicts()))
     with engine.connect() as c, ref.connect() as r:
         got = [dict(x) for x in c.execute(R.predictions.select().order_by(R.predictions.c.trans_num)).mappings()]
         want = [dict(x) for x in r.execute(R.predictions.select().order_by(R.predictions.c.trans_num)).mappings()]

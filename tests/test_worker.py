@@ -62,7 +62,7 @@ def test_end_to_end_matches_batch(data, truth):
     assert {m.key().decode() for m in alerts} == set(flagged["trans_num"])
     msg = json.loads(preds[0].value())
     row = rows.filter(pl.col("trans_num") == preds[0].key().decode()).row(0, named=True)
-    assert msg["fraud_probability"] == row["fraud_probability"] and msg["features"] == json.loads(row["features"])
+    assert msg["fraud_probability"] == row["fraud_probability"] and msg["features"] == row["features"]
     assert not set(PII_COLUMNS) & set(msg)
     # reasons: top-3 SHAP for every alert (explain="flagged"), none stored for approved rows
     assert all(len(json.loads(r)) == 3 for r in flagged["reasons"])

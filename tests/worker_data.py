@@ -127,9 +127,9 @@ def wait_for(cond, timeout: float, what: str, every: float = 0.2):
 
 
 def stored_features(rows: pl.DataFrame) -> pl.DataFrame:
-    "The model input the worker stored (features JSON) as a typed frame, with trans_num, sorted by (ts, trans_num)."
+    "The model input the worker stored (`result_rows`' decoded features) as a typed frame, with trans_num, sorted by (ts, trans_num)."
     rows = rows.sort("ts", "trans_num")
-    feats = pl.DataFrame([json.loads(f) for f in rows["features"]], schema={f: FEATURE_SCHEMA[f] for f in FEATURES})
+    feats = pl.DataFrame(rows["features"].to_list(), schema={f: FEATURE_SCHEMA[f] for f in FEATURES})
     return feats.with_columns(trans_num=rows["trans_num"], ts=rows["ts"])
 
 
