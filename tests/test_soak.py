@@ -35,7 +35,7 @@ from fraud_detection.features import assert_same_features, batch_features, state
 from fraud_detection.registry import load
 from fraud_detection.results_store import get_engine, predictions
 from fraud_detection.schema import frame_to_messages, message_headers
-from fraud_detection.testing import fresh_pg_database
+from fraud_detection.testing import fresh_pg_database, result_rows
 from fraud_detection.worker import load_merchant_risk
 
 SECONDS = float(os.environ.get("FRAUD_SOAK_SECONDS", "600"))
@@ -184,9 +184,7 @@ def test_soak(data, truth, postgres_url, redis_url, tmp_path):
                 worker.kill()
                 worker.wait()
         dlq = read_topic(bootstrap, TOPIC_DLQ, len(stream.bad) * 3 + 10, timeout=10)
-        with engine.connect() as c:
-            rows = pl.DataFrame([dict(r) for r in c.execute(predictions.select()).mappings()],
-                                infer_schema_length=None)
+        rows = result_rows(pg)  # features decoded: {name: value} per row
     # exactly once, with the batch path's features and scores
     counts = {"valid sent": stream.sent, "worker starts": log.read_text().count("consuming transactions"), "bad sent": len(stream.bad), "results rows": rows.height,
               "distinct scored": rows["trans_num"].n_unique(), "dlq messages": len(dlq), **faults,
