@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
 import time
 
 import pytest
@@ -84,7 +85,12 @@ def _crash_at(data, bootstrap, log, steps) -> None:
     "One worker run per step, each SIGKILLing itself right after that step of its (i + 2)-th batch."
     for i, step in enumerate(steps):
         w = start_worker(data, bootstrap, log, *SMALL_BATCHES, FRAUD_WORKER_CRASH_AFTER=f"{step}:{2 + i}")
-        assert w.wait(90) == -signal.SIGKILL, log.read_text()[-2000:]
+        try:  # start-up (imports, stores, the group join) can take a minute next to Spark's JVMs on 2 cores
+            code = w.wait(180)
+        except subprocess.TimeoutExpired:
+            stop_process_group(w, signal.SIGKILL)
+            raise AssertionError(f"no crash after {step} within 180 s; the worker's log:\n{log.read_text()[-3000:]}") from None
+        assert code == -signal.SIGKILL, log.read_text()[-2000:]
         assert f"crash injected after {step}" in log.read_text()
 
 
