@@ -236,8 +236,9 @@ def _feature_vectors(df: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, list[str
     if not isinstance(kind, pl.Struct):
         raise ValueError(f"features must be a struct (a dict) of feature values per row, not {kind}")
     present = df["features"].is_not_null()
-    values = [_json_number(pl.col(x.name), x.dtype, x.name) for x in kind.fields]  # on the unnested columns: half
-    vector = pl.format("[{}]", pl.concat_str(values, separator=",")) if values else pl.lit("[]")  # the CPU of struct.field
+    # formatted on the unnested columns: `struct.field` per feature took twice the CPU
+    values = [_json_number(pl.col(x.name), x.dtype, x.name) for x in kind.fields]
+    vector = pl.format("[{}]", pl.concat_str(values, separator=",")) if values else pl.lit("[]")
     text = df["features"].struct.unnest().select(vector).to_series()
     versions = df["model_version"].filter(present).unique(maintain_order=True).to_list()
     return df.with_columns(features=pl.when(present).then(text)), {v: [x.name for x in kind.fields] for v in versions}
