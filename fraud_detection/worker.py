@@ -388,10 +388,12 @@ class _Timer:
     "Adds the wall and thread CPU time of each `with timer('step'):` block to two dicts; a block inside another counts once."
     def __init__(self, stages: dict[str, float], cpu: dict[str, float]):  # step → wall seconds, step → CPU seconds
         self.stages, self.cpu, self._open = stages, cpu, threading.local()  # the block open in each thread
+        self._lock = threading.Lock()  # three threads add to the same dicts
 
     def _add(self, step: str, wall: float, cpu: float) -> None:
-        self.stages[step] = self.stages.get(step, 0.0) + wall
-        self.cpu[step] = self.cpu.get(step, 0.0) + cpu
+        with self._lock:
+            self.stages[step] = self.stages.get(step, 0.0) + wall
+            self.cpu[step] = self.cpu.get(step, 0.0) + cpu
 
     @contextmanager
     def __call__(self, step: str):
@@ -435,6 +437,7 @@ class StreamWorker:
         self._errors: list[str] = []
         self._time = _Timer(self.stats.stages, self.stats.stages_cpu)
         self._delivery = ThreadPoolExecutor(1, thread_name_prefix="delivery")  # one batch at a time, in order
+        self._publishing = ThreadPoolExecutor(1, thread_name_prefix="publish")  # queues a batch's messages meanwhile
         self._pending: tuple[list[Message], _Batch, float, Future] | None = None  # the batch being delivered
 
     # partition changes: the cache is only valid while this worker owns the partitions it was filled from
@@ -621,9 +624,11 @@ def _queue(w: StreamWorker, msgs: list[Message], b: _Batch) -> None:
         publish_predictions(w.producer, b.rows, w._delivered)
     b.queued = True
 
-def _acknowledged(w: StreamWorker, b: _Batch) -> None:
-    "Wait until the broker acknowledged every queued message; else raise, and the retry queues them again."
+def _acknowledged(w: StreamWorker, b: _Batch, queueing: Future | None = None) -> None:
+    "Wait until the messages are queued (`queueing` raises if that failed) and the broker acknowledged every one of them; else raise, and the retry queues them again."
     with w._time("publish"):
+        if queueing is not None:
+            queueing.result()
         left = w.producer.flush(w.flush_timeout)
     if left or w._errors:
         b.queued = False
@@ -631,15 +636,21 @@ def _acknowledged(w: StreamWorker, b: _Batch) -> None:
                            f"({w._errors[:1]}): not committing; the batch will be redelivered")
     _checkpoint(w, "publish")
 
+def _timed_queue(w: StreamWorker, msgs: list[Message], b: _Batch) -> None:
+    with w._time("publish"):
+        _queue(w, msgs, b)
+
 def _publish_and_write(w: StreamWorker, msgs: list[Message], b: _Batch) -> None:
-    "Queue the messages, insert the results rows, and commit them once the broker has acknowledged the messages."
-    if not b.queued:  # a retry after the database failed does not publish again
-        with w._time("publish"):
-            _queue(w, msgs, b)
-    if b.rows is None:
-        return _acknowledged(w, b)
-    with w._time("write"):
-        b.written += write_predictions(w.engine, b.rows, before_commit=partial(_acknowledged, w, b))
+    "Queue the messages in the publishing thread while the results rows are inserted; commit those once the broker has acknowledged the messages."
+    queueing = None if b.queued else w._publishing.submit(_timed_queue, w, msgs, b)  # a retry after the database failed does not publish again
+    try:
+        if b.rows is None:
+            return _acknowledged(w, b, queueing)
+        with w._time("write"):
+            b.written += write_predictions(w.engine, b.rows, before_commit=partial(_acknowledged, w, b, queueing))
+    finally:
+        if queueing is not None:
+            wait([queueing])  # an insert that failed is retried only once the queueing has ended
 
 def _push(w: StreamWorker, b: _Batch) -> None:
     if b.new_state.height:
@@ -813,6 +824,7 @@ def _close(worker: StreamWorker, engine: Engine, handlers: dict, exporter, repor
         exporter.shutdown()
     worker._settle()  # the batch in flight: delivered and committed, unless stopped in an outage
     worker._delivery.shutdown()
+    worker._publishing.shutdown()
     worker.consumer.close()  # leave the group: partitions move to the other members now
     worker.producer.flush(10)
     worker.consumer = worker.producer = None  # free the clients now (callbacks make a reference cycle)
