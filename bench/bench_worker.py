@@ -224,7 +224,7 @@ def without(steps: str) -> None:
             before_commit()  # the messages are still waited for, if they are published
         return rows.height
     noops = {"publish": {"_queue": lambda worker, msgs, b: setattr(b, "queued", True),
-                         "_acknowledged": lambda worker, b: None},
+                         "_acknowledged": lambda worker, b, queueing=None: None},
              "write": {"write_predictions": no_insert}, "push": {"_push": lambda worker, b: None}}
     for name in names:
         for attr, noop in noops[name].items():
