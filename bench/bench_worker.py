@@ -14,8 +14,9 @@ challenger: XGBoost, ≤80 and ≤40 trees), and per run, on a fresh embedded br
 
 Prints, per results store, the median of --runs runs of each figure, the ratio to the baseline measured in the same
 run, where the worker's time goes (µs per message, per step, grouped by thread: the worker computes batch N+1 in
-its main thread while its delivery thread publishes, writes and pushes batch N), and the goals (issue #14:
-≥ 25 k tx/s with SQLite, ≥ 20 k tx/s with PostgreSQL, freshness p99 ≤ 500 ms at 1,000 tx/s).
+its main thread while its delivery thread writes and pushes batch N and its publishing thread queues batch N's
+messages), and the goals (issue #14: ≥ 25 k tx/s with SQLite, ≥ 20 k tx/s with PostgreSQL, freshness p99 ≤ 500 ms
+at 1,000 tx/s).
 
     .venv/bin/python bench/bench_worker.py [--scale demo] [--runs 3] [--rate 1000] [--explain flagged]
                                            [--db sqlite,postgres] [--postgres-url postgresql+psycopg://...] [--no-freshness]
@@ -73,7 +74,7 @@ def broker():
 @contextmanager
 def cpu_of_batches():
     """A list that receives the CPU time (all threads of this process) from the first `StreamWorker.process` call to
-    the end of the block: the worker's batches, its delivery thread included, without its start-up."""
+    the end of the block: the worker's batches, its delivery threads included, without its start-up."""
     spent, process, first = [], StreamWorker.process, []
 
     def timed(self, msgs):
@@ -164,7 +165,7 @@ def repeated(test, copies: int):
 
 
 COMPUTE = ["parse", "state_read", "dedupe", "features", "score"]  # StreamWorker.process, before the hand-over
-DELIVER = ["publish", "write", "push"]  # the delivery thread
+DELIVER = ["publish", "write", "push"]  # the delivery thread (publish: the publishing thread, alongside)
 GOALS = {"sqlite": 25_000, "postgres": 20_000}  # issue #14: tx/s per worker with each results store
 FRESH_GOAL_MS = 500  # issue #14: freshness p99 at 1,000 tx/s
 
@@ -187,7 +188,7 @@ def report(kind: str, tput: list[dict], fresh: list[dict], a) -> dict:
           f"(goal >= {goal:,} tx/s: {'met' if worker >= goal else 'NOT met'}); runs: "
           + ", ".join(f"{r[kind]['worker']:,.0f}" for r in tput))
     groups = {"computing (main thread)": [k for k in steps if k in COMPUTE],
-              "delivering (delivery thread)": [k for k in steps if k in DELIVER],
+              "delivering (delivery and publishing threads)": [k for k in steps if k in DELIVER],
               "committing (main thread)": [k for k in steps if k not in COMPUTE + DELIVER]}
     print(f"{kind}: worker time by step (µs per message; the two threads overlap, so the groups add up to more "
           f"than the {busy / n * 1e6:.1f} µs/msg of wall time): " + "; ".join(
