@@ -190,7 +190,7 @@ def report(kind: str, tput: list[dict], fresh: list[dict], a) -> dict:
     groups = {"computing (main thread)": [k for k in steps if k in COMPUTE],
               "delivering (delivery and publishing threads)": [k for k in steps if k in DELIVER],
               "committing (main thread)": [k for k in steps if k not in COMPUTE + DELIVER]}
-    print(f"{kind}: worker time by step (µs per message; the two threads overlap, so the groups add up to more "
+    print(f"{kind}: worker time by step (µs per message; the threads overlap, so the groups add up to more "
           f"than the {busy / n * 1e6:.1f} µs/msg of wall time): " + "; ".join(
               f"{g} {sum(res['stages_us_per_msg'][k] for k in ks):.1f} = "
               + " + ".join(f"{k} {res['stages_us_per_msg'][k]:.1f}" for k in sorted(ks, key=lambda k: -steps[k]))

@@ -625,7 +625,7 @@ def _queue(w: StreamWorker, msgs: list[Message], b: _Batch) -> None:
     b.queued = True
 
 def _acknowledged(w: StreamWorker, b: _Batch, queueing: Future | None = None) -> None:
-    "Wait until the messages are queued (`queueing` raises if that failed) and the broker acknowledged every one of them; else raise, and the retry queues them again."
+    "Wait for the queueing (it raises if that failed) and the broker's acknowledgements; else raise: the retry queues again."
     with w._time("publish"):
         if queueing is not None:
             queueing.result()
@@ -637,12 +637,14 @@ def _acknowledged(w: StreamWorker, b: _Batch, queueing: Future | None = None) ->
     _checkpoint(w, "publish")
 
 def _timed_queue(w: StreamWorker, msgs: list[Message], b: _Batch) -> None:
+    "`_queue`, timed as the publish step (in the publishing thread)."
     with w._time("publish"):
         _queue(w, msgs, b)
 
 def _publish_and_write(w: StreamWorker, msgs: list[Message], b: _Batch) -> None:
-    "Queue the messages in the publishing thread while the results rows are inserted; commit those once the broker has acknowledged the messages."
-    queueing = None if b.queued else w._publishing.submit(_timed_queue, w, msgs, b)  # a retry after the database failed does not publish again
+    "Queue the messages in the publishing thread while the rows are inserted; commit once the broker acknowledged them."
+    # a retry after the database failed does not publish again
+    queueing = None if b.queued else w._publishing.submit(_timed_queue, w, msgs, b)
     try:
         if b.rows is None:
             return _acknowledged(w, b, queueing)
